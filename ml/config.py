@@ -1,0 +1,215 @@
+"""One settings object: defaults from configs/default.yaml, overridden by TBML_* environment variables.
+
+Why one object: every process (CLI, actors, Serve replicas, Ray Train workers) must agree on paths,
+pairs and thresholds, and the environment is what Ray propagates to all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PAIR_PATTERN = r"^[A-Z0-9]{2,15}$"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+ENV_PREFIX = "TBML_"
+ENV_ALIASES = {
+    "TBML_DATA_DIR": ("data_dir",),
+    "TBML_REDIS_URL": ("redis", "url"),
+    "TBML_API_TOKEN": ("api", "token"),
+    "TBML_NAMESPACE": ("namespace",),
+}
+TIMEFRAME_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
+                "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticSettings(_Section):
+    seed: int = 42
+    signal_strength: float = Field(0.12, ge=0.0, le=1.0)
+    signal_lookback: int = Field(10, ge=1)
+    history_bars: int = Field(20000, ge=300)
+
+
+class CoreSettings(_Section):
+    url: str = "http://127.0.0.1:3000"
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+
+
+class DataSettings(_Section):
+    source: str = "synthetic"
+    synthetic: SyntheticSettings = SyntheticSettings()
+    core: CoreSettings = CoreSettings()
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v not in {"synthetic", "files", "core"}:
+            raise ValueError(f"unknown data source {v!r} (synthetic, files or core)")
+        return v
+
+
+class FeatureSettings(_Section):
+    warmup_bars: int = Field(200, ge=100)
+
+
+class LabelSettings(_Section):
+    horizons: list[int] = [5]
+
+
+class SplitSettings(_Section):
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+
+
+class ProfileSettings(_Section):
+    layers: int = 1
+    hidden: int = 32
+    seq_len: int = 30
+    dropout: float = 0.0
+
+
+class ModelSettings(_Section):
+    default_type: str = "lstm"
+    enabled_types: list[str] = ["lstm"]
+    profile: str = "quick"
+    profiles: dict[str, ProfileSettings] = {
+        "quick": ProfileSettings(),
+        "full": ProfileSettings(layers=2, hidden=50, seq_len=60, dropout=0.2),
+    }
+
+
+class TrainingSettings(_Section):
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    patience: int = 5
+    seed: int = 7
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+
+
+class SignalSettings(_Section):
+    strong: float = 0.7
+    weak: float = 0.55
+    expire_hours: float = 48
+
+
+class QueueSettings(_Section):
+    max_concurrent: int = 1
+    cooldown_minutes: float = 30
+    max_attempts: int = 2
+    retry_base_s: float = 30
+    history_limit: int = 1000
+    retrain_interval_minutes: float = 0
+
+
+class StorageSettings(_Section):
+    keep_versions: int = 10
+    prediction_flush_count: int = 200
+    prediction_flush_seconds: float = 2.0
+
+
+class CacheSettings(_Section):
+    predictions_ttl_s: float = 30
+    features_ttl_s: float = 300
+    model_status_ttl_s: float = 60
+    health_ttl_s: float = 10
+
+
+class RedisSettings(_Section):
+    url: str | None = None
+    port: int = 6380
+
+
+class ApiSettings(_Section):
+    token: str | None = None
+    max_body_bytes: int = 65536
+
+
+class Settings(_Section):
+    data_dir: Path = Path("./data")
+    namespace: str = "tbml"
+    pairs: list[str] = ["BTC", "ETH", "XMR", "RVN"]
+    timeframe: str = "5m"
+    data: DataSettings = DataSettings()
+    features: FeatureSettings = FeatureSettings()
+    labels: LabelSettings = LabelSettings()
+    split: SplitSettings = SplitSettings()
+    model: ModelSettings = ModelSettings()
+    training: TrainingSettings = TrainingSettings()
+    signals: SignalSettings = SignalSettings()
+    queue: QueueSettings = QueueSettings()
+    storage: StorageSettings = StorageSettings()
+    cache: CacheSettings = CacheSettings()
+    redis: RedisSettings = RedisSettings()
+    api: ApiSettings = ApiSettings()
+
+    @field_validator("timeframe")
+    @classmethod
+    def _known_timeframe(cls, v: str) -> str:
+        if v not in TIMEFRAME_MS:
+            raise ValueError(f"unknown timeframe {v!r}; one of {', '.join(TIMEFRAME_MS)}")
+        return v
+
+    @property
+    def timeframe_ms(self) -> int:
+        return TIMEFRAME_MS[self.timeframe]
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot override {'.'.join(path)}: {key} is not a section")
+    node[path[-1]] = value
+
+
+def env_overrides(environ: dict[str, str] | os._Environ) -> dict[str, Any]:
+    """TBML_A__B=v becomes {"a": {"b": v}}; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "TBML_CONFIG":
+            continue
+        path = ENV_ALIASES.get(name) or tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, path, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_settings(config_file: str | Path | None = None,
+                  environ: dict[str, str] | os._Environ | None = None) -> Settings:
+    """Read the YAML file, apply environment overrides, validate. Unknown keys are errors."""
+    environ = os.environ if environ is None else environ
+    path = Path(config_file or environ.get("TBML_CONFIG") or DEFAULT_CONFIG)
+    base = yaml.safe_load(path.read_text()) or {}
+    merged = _merge(base, env_overrides(environ))
+    # Keep only known env-derived top-level sections; unknown ones are typos worth reporting.
+    return Settings.model_validate(merged)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings (cached). Tests that change the environment call get_settings.cache_clear()."""
+    return load_settings()

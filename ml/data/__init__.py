@@ -1,0 +1,1 @@
+"""Market data: the candle schema, its validation, the sources and the candle store."""

@@ -1,0 +1,1 @@
+"""Storage logic on the shared volume: atomic writes, layout, histories (plain Python, no Ray)."""
