@@ -1,0 +1,64 @@
+# trading-bot-ml: the front door. `make setup` then `make test`; `make run` / `make stop`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup test test-unit test-ray test-e2e bench run stop lint format clean
+
+setup: $(VENV)/.installed redis-server
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when pyproject.toml changes (idempotent and quick otherwise).
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+redis-server:
+	@if command -v redis-server >/dev/null 2>&1; then \
+		echo "redis-server: $$(redis-server --version | cut -d' ' -f3)"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's redis-server"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+		  || { echo "apt-get install redis-server failed" >&2; exit 1; }; \
+		systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; \
+	else \
+		echo "redis-server is missing: install it with 'sudo apt-get install redis-server' (Debian/Ubuntu) and run make setup again" >&2; \
+		exit 1; \
+	fi
+
+test:
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q --timeout=900
+
+test-unit:
+	$(VENV)/bin/pytest -q tests/unit
+
+test-ray:
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q tests/ray
+
+test-e2e:
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q tests/e2e
+
+bench:
+	RAY_AUTH_MODE=disabled $(PY) -m bench.run
+
+run:
+	$(VENV)/bin/tbml up
+
+stop:
+	$(VENV)/bin/tbml down
+
+lint:
+	$(VENV)/bin/ruff check .
+
+format:
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

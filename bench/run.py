@@ -1,0 +1,102 @@
+"""`make bench`: run every benchmark module and write docs/benchmarks.md.
+
+Each module exposes `run(quick: bool) -> list[BenchResult]`. Every figure sits beside the anchor it
+was measured against in the same run, and the SPEC §10 target it answers to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import BenchResult
+
+MODULES = ("bench_features", "bench_storage", "bench_cache", "bench_training", "bench_http")
+OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def render(results: list[BenchResult], errors: dict[str, str], elapsed_s: float) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python -m bench.run`); never edited by hand. Each figure is measured",
+        "beside its anchor in the same run; *ratio* = value / anchor. Targets are SPEC §10.",
+        "",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}",
+        f"- run at: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {elapsed_s:.0f} s",
+        "",
+    ]
+    sections: dict[str, list[BenchResult]] = {}
+    for r in results:
+        sections.setdefault(r.section, []).append(r)
+    for section, rows in sections.items():
+        lines += [f"## {section}", "", "| measure | value | anchor | anchor value | ratio | target | met |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            met = "–" if r.ok is None else ("yes" if r.ok else "**no**")
+            lines.append(f"| {r.name} | {_fmt(r.value)} {r.unit} | {r.anchor_name or '–'} | "
+                         f"{_fmt(r.anchor_value)} | {_fmt(r.ratio)} | {r.target or '–'} | {met} |")
+        notes = [r for r in rows if r.note]
+        if notes:
+            lines.append("")
+            lines += [f"- {r.name}: {r.note}" for r in notes]
+        lines.append("")
+    if errors:
+        lines += ["## Not measured", ""]
+        lines += [f"- `{m}`: {e}" for m, e in errors.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    ap.add_argument("--only", default="", help="comma-separated module names, e.g. bench_features")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    wanted = [m for m in MODULES if not args.only or m in args.only.split(",")]
+    results: list[BenchResult] = []
+    errors: dict[str, str] = {}
+    t0 = time.time()
+    for name in wanted:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"bench.{name}":
+                continue
+            raise
+        print(f"== {name}", flush=True)
+        try:
+            got = module.run(quick=args.quick)
+        except Exception as exc:  # noqa: BLE001 - one failing benchmark must not hide the others
+            traceback.print_exc()
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        for r in got:
+            print(json.dumps(r.to_dict()), flush=True)
+        results.extend(got)
+    Path(args.out).write_text(render(results, errors, time.time() - t0))
+    print(f"wrote {args.out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
