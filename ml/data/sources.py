@@ -1,0 +1,113 @@
+"""One entry point for candles, whatever `data.source` is configured (§3).
+
+- `synthetic`: generated on demand (deterministic per pair and seed; `ml.data.synthetic`).
+- `files`: what `tbml data import` put in the candle store.
+- `core`: fetched from trading-bot-core and validated; rejected rows are logged with their reasons.
+
+`ensure_synthetic_history` keeps the store's synthetic candles up to the last closed bar; the
+streaming service calls it on every new bar and it appends only the bars that are new.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from ml.data.candles import validate_candles, validate_pair
+from ml.data.store import CandleStore
+
+log = logging.getLogger(__name__)
+
+
+def _settings(settings):
+    if settings is None:
+        from ml.config import get_settings
+
+        settings = get_settings()
+    return settings
+
+
+def _synthetic_bars_available(end_ts: int, timeframe_ms: int) -> int:
+    """How many synthetic bars exist up to end_ts (the synthetic history starts at its origin)."""
+    from ml.data.synthetic import ORIGIN_TS
+
+    return max(0, (end_ts - ORIGIN_TS) // timeframe_ms + 1)
+
+
+def _last_closed_bar_ts(timeframe_ms: int, now_ms: int | None = None) -> int:
+    from ml.data.synthetic import last_closed_bar_ts
+
+    return last_closed_bar_ts(timeframe_ms, now_ms)
+
+
+def synthetic_candles(pair: str, settings=None, *, bars: int | None = None, end_ts: int | None = None,
+                      timeframe_ms: int | None = None) -> pd.DataFrame:
+    """`bars` (default history_bars) synthetic candles ending at end_ts (default: the last closed
+    bar), fewer if the synthetic history does not reach back that far."""
+    from ml.data.synthetic import generate_candles
+
+    settings = _settings(settings)
+    syn = settings.data.synthetic
+    tf = timeframe_ms or settings.timeframe_ms
+    end = _last_closed_bar_ts(tf) if end_ts is None else int(end_ts)
+    n = min(bars or syn.history_bars, _synthetic_bars_available(end, tf))
+    return generate_candles(pair, n, seed=syn.seed, signal_strength=syn.signal_strength,
+                            lookback=syn.signal_lookback, end_ts=end, timeframe_ms=tf)
+
+
+def load_candles(pair: str, settings=None, *, bars: int | None = None,
+                 store: CandleStore | None = None) -> pd.DataFrame:
+    """Validated candles of `pair` from the configured source; the newest `bars` if given.
+
+    Raises InvalidPairError for a bad pair, NoCandlesError (files) when nothing was imported,
+    and the CoreError family (core) when core cannot deliver.
+    """
+    validate_pair(pair)
+    if bars is not None and bars < 1:
+        raise ValueError(f"bars must be >= 1, got {bars}")
+    settings = _settings(settings)
+    source = settings.data.source
+    if source == "synthetic":
+        return synthetic_candles(pair, settings, bars=bars)
+    if source == "files":
+        store = store or CandleStore(settings.data_dir, settings.timeframe)
+        return store.tail(pair, bars) if bars else store.read(pair)
+    if source == "core":
+        from ml.data.core_client import CoreClient
+
+        with CoreClient.from_settings(settings) as client:
+            raw = client.fetch_candles(pair)
+        result = validate_candles(raw, settings.timeframe_ms)
+        if result.rejected_total or result.gaps:
+            s = result.summary()
+            log.warning("core candles for %s: %d rejected %s, %d gap(s) (%d missing bars)",
+                        pair, s["rejectedTotal"], s["rejected"], s["gaps"], s["missingBars"])
+        candles = result.candles
+        return candles.iloc[-bars:].reset_index(drop=True) if bars else candles
+    raise ValueError(f"unknown data source {source!r}")
+
+
+def ensure_synthetic_history(pair: str, settings=None, store: CandleStore | None = None, *,
+                             now_ms: int | None = None) -> int:
+    """Make the store hold the synthetic candles up to the last closed bar; returns bars added.
+
+    An empty store gets `history_bars` bars; afterwards only the bars after the stored end are
+    generated and appended (synthetic values depend only on the bar's timestamp, so they join on).
+    """
+    validate_pair(pair)
+    settings = _settings(settings)
+    store = store or CandleStore(settings.data_dir, settings.timeframe)
+    tf = store.timeframe_ms
+    end = _last_closed_bar_ts(tf, now_ms)
+    cov = store.coverage(pair)
+    if cov is None or not cov["bars"]:
+        candles = synthetic_candles(pair, settings, end_ts=end, timeframe_ms=tf)
+    else:
+        if cov["end"] >= end:
+            return 0
+        missing = (end - cov["end"]) // tf
+        candles = synthetic_candles(pair, settings, bars=missing, end_ts=end, timeframe_ms=tf)
+    if candles.empty:
+        return 0
+    return store.append(pair, candles)
