@@ -1,0 +1,82 @@
+"""`tbml features --pair P [--file F] [--json]`: the feature names and the latest row of the matrix."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("features", help="show the causal feature matrix's names and latest row")
+    p.add_argument("--pair", required=True, help="base symbol, e.g. BTC")
+    p.add_argument("--file", help="compute from this candle file (CSV/Parquet/Binance) instead of the store")
+    p.add_argument("--format", default="auto", choices=["auto", "ohlcv", "binance"])
+    p.add_argument("--bars", type=int, default=2000, help="candles to use (newest), default 2000")
+    p.add_argument("--data-dir", help="data directory (default: settings.data_dir)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=run)
+
+
+def _candles(args: argparse.Namespace):
+    from ml.cli import UsageError
+    from ml.config import get_settings
+    from ml.data.candles import InvalidPairError, validate_pair
+    from ml.data.files import CandleFileError, import_file
+    from ml.data.sources import load_candles
+    from ml.data.store import CandleStore
+
+    try:
+        validate_pair(args.pair)
+    except InvalidPairError as exc:
+        raise UsageError(str(exc)) from None
+    if args.bars < 1:
+        raise UsageError(f"--bars must be >= 1, got {args.bars}")
+    settings = get_settings()
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UsageError(f"no such file: {path}")
+        try:
+            result = import_file(path, args.format, settings.timeframe_ms)
+        except CandleFileError as exc:
+            raise UsageError(str(exc)) from None
+        return result.candles.tail(args.bars).reset_index(drop=True), f"file {path}"
+    store = CandleStore(Path(args.data_dir) if args.data_dir else settings.data_dir, settings.timeframe)
+    if store.exists(args.pair):
+        return store.tail(args.pair, args.bars), f"store {store.path(args.pair)}"
+    return load_candles(args.pair, settings, bars=args.bars), f"source {settings.data.source}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ml.cli import UsageError
+    from ml.features import FEATURE_NAMES, WARMUP_BARS, feature_matrix, feature_names_hash
+
+    candles, origin = _candles(args)
+    if len(candles) <= WARMUP_BARS:
+        raise UsageError(
+            f"{args.pair}: {len(candles)} candles from {origin}; features need more than {WARMUP_BARS} (warm-up)"
+        )
+    matrix = feature_matrix(candles)
+    latest = matrix.iloc[-1]
+    as_of = int(matrix.index[-1])
+    if args.json:
+        print(json.dumps({
+            "pair": args.pair,
+            "source": origin,
+            "count": len(FEATURE_NAMES),
+            "namesHash": feature_names_hash(FEATURE_NAMES),
+            "names": FEATURE_NAMES,
+            "asOf": as_of,
+            "bars": int(len(candles)),
+            "rows": int(len(matrix)),
+            "latest": {k: (None if not math.isfinite(v) else float(v)) for k, v in latest.items()},
+        }))
+        return 0
+    print(f"{args.pair}: {len(FEATURE_NAMES)} features, {len(matrix)} rows from {len(candles)} candles ({origin}),"
+          f" latest row at ts={as_of}")
+    width = max(len(n) for n in FEATURE_NAMES)
+    for name, value in latest.items():
+        print(f"  {name:<{width}}  {value: .6g}")
+    return 0
