@@ -72,8 +72,45 @@ def encode_json_document(data: Any) -> bytes:
     return b'{"sha256":"' + sha256_hex(payload).encode() + b'","data":' + payload + b"}"
 
 
+_ENVELOPE_HEAD = b'{"sha256":"'
+_ENVELOPE_MID = b'","data":'
+_HEAD_LEN = len(_ENVELOPE_HEAD) + 64 + len(_ENVELOPE_MID)
+
+
+def _split_envelope(raw: bytes) -> tuple[str, bytes] | None:
+    """(recorded digest, payload bytes) when `raw` has exactly the layout encode_json_document writes."""
+    if (len(raw) > _HEAD_LEN and raw.startswith(_ENVELOPE_HEAD) and raw.endswith(b"}")
+            and raw[_HEAD_LEN - len(_ENVELOPE_MID):_HEAD_LEN] == _ENVELOPE_MID):
+        try:
+            digest = raw[len(_ENVELOPE_HEAD):len(_ENVELOPE_HEAD) + 64].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return digest, raw[_HEAD_LEN:-1]
+    return None
+
+
+def verify_json_document(raw: bytes) -> bool:
+    """True when `raw` is an intact checksummed document. Cheap for files this module wrote: the digest
+    is checked over the raw payload bytes, without parsing or re-serialising the JSON."""
+    parts = _split_envelope(raw)
+    if parts is not None and sha256_hex(parts[1]) == parts[0]:
+        return True
+    try:
+        decode_json_document(raw)
+    except ChecksumError:
+        return False
+    return True
+
+
 def decode_json_document(raw: bytes) -> Any:
     """Parse and verify an envelope; raise ChecksumError on any damage."""
+    parts = _split_envelope(raw)
+    if parts is not None and sha256_hex(parts[1]) == parts[0]:
+        # Fast path: the payload bytes are exactly the ones that were hashed.
+        try:
+            return json.loads(parts[1])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # pragma: no cover - hash matched
+            raise ChecksumError(f"not valid JSON: {exc}") from exc
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -89,14 +126,37 @@ def backup_path(path: Path) -> Path:
     return path.with_name(path.name + BACKUP_SUFFIX)
 
 
+def _link_backup(path: Path, bak: Path) -> None:
+    """Make `bak` another name of `path`'s current inode (no data copied): link to a temp name, then
+    rename over the backup, so the backup, too, is always either the old or the new one."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{bak.name}{TMP_MARK}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        tmp.unlink()
+        os.link(path, tmp)
+        os.replace(tmp, bak)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_json(path: str | Path, data: Any, *, backup: bool = True, fsync: bool = True) -> str:
-    """Write a checksummed JSON document; the current good version becomes the backup first."""
+    """Write a checksummed JSON document; the current good version becomes the backup first.
+
+    The backup is a hard link to the current file (the new version goes to a new inode by rename, so
+    the link keeps the old bytes); where hard links are not supported it is a verified copy. The one
+    directory fsync after the final rename makes both renames durable.
+    """
     path = Path(path)
     if backup and path.exists():
         try:
             current = path.read_bytes()
-            decode_json_document(current)  # only a verified document may become the backup
-            atomic_write_bytes(backup_path(path), current, fsync=fsync, verify=False)
+            if verify_json_document(current):  # only a verified document may become the backup
+                try:
+                    _link_backup(path, backup_path(path))
+                except OSError:
+                    atomic_write_bytes(backup_path(path), current, fsync=fsync, verify=False)
         except (ChecksumError, OSError):
             pass
     return atomic_write_bytes(path, encode_json_document(data), fsync=fsync)

@@ -35,9 +35,8 @@ def test_features_from_file_json_matches_the_matrix(candle_csv, tmp_path):
     assert out["names"] == FEATURE_NAMES and out["count"] == len(FEATURE_NAMES) >= 84
     expected = feature_matrix(candles).iloc[-1]
     assert out["asOf"] == int(candles["ts"].iloc[-1])
-    for name in ("rsi_value", FEATURE_NAMES[0], FEATURE_NAMES[-1]):
-        if name in expected:
-            assert out["latest"][name] == pytest.approx(float(expected[name]), rel=1e-9, abs=1e-12)
+    for name in FEATURE_NAMES:
+        assert out["latest"][name] == pytest.approx(float(expected[name]), rel=1e-9, abs=1e-12)
 
 
 def test_features_from_store_after_synth(tmp_path):
