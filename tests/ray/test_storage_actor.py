@@ -1,0 +1,161 @@
+"""The Storage actor: concurrent callers lose nothing, state survives a restart, shutdown flushes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+CALLERS = 20
+APPENDS = 500
+
+
+# Its own name and directory: other tests' Storage actor (on the session's data dir) is left alone.
+ACTOR = f"tbml-storage-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def actor_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("storage-actor")
+
+
+@pytest.fixture(scope="module")
+def storage_actor(ray_cluster, actor_dir):
+    import ray
+
+    from actors.storage import get_or_create_storage_actor
+
+    handle = get_or_create_storage_actor(actor_dir, ray_cluster["namespace"], name=ACTOR)
+    yield handle
+    ray.kill(ray.get_actor(ACTOR, namespace=ray_cluster["namespace"]), no_restart=True)
+
+
+def test_get_or_create_returns_the_one_named_detached_actor(ray_cluster, storage_actor, actor_dir):
+    import ray
+
+    from actors.storage import get_or_create_storage_actor
+
+    again = get_or_create_storage_actor(actor_dir, ray_cluster["namespace"], name=ACTOR)
+    assert again._actor_id == storage_actor._actor_id
+    assert ray.get(again.data_dir.remote()) == str(actor_dir.resolve())
+    assert (actor_dir / ".writer.lock").exists() and (actor_dir / "predictions").is_dir()
+    with pytest.raises(RuntimeError, match="serves"):
+        get_or_create_storage_actor("/tmp/some-other-dir", ray_cluster["namespace"], name=ACTOR)
+
+
+def test_concurrent_appends_lose_and_duplicate_nothing(storage_actor):
+    import ray
+
+    pairs = ["TSTA", "TSTB"]
+
+    async def caller(c: int) -> None:
+        for i in range(APPENDS):
+            rec = {"pair": pairs[c % 2], "timestamp": 1_000_000 + i * CALLERS + c, "caller": c, "i": i}
+            stored = await storage_actor.append_prediction.remote(rec)
+            assert stored["id"]
+
+    async def history_writer(c: int) -> None:
+        await storage_actor.append_training_record.remote({"jobId": f"TSTA_lstm_{c}", "status": "done"})
+
+    async def main() -> None:
+        await asyncio.gather(*(caller(c) for c in range(CALLERS)), *(history_writer(c) for c in range(CALLERS)))
+
+    asyncio.run(main())
+    counts = [ray.get(storage_actor.count_predictions.remote(p)) for p in pairs]
+    assert sum(counts) == CALLERS * APPENDS
+    records = [r for p in pairs for r in ray.get(storage_actor.query_predictions.remote(p, None))]
+    assert len(records) == CALLERS * APPENDS
+    assert len({r["id"] for r in records}) == CALLERS * APPENDS
+    assert sorted((r["caller"], r["i"]) for r in records) == [(c, i) for c in range(CALLERS) for i in range(APPENDS)]
+    # Concurrent read-modify-writes of the training history lose nothing either.
+    jobs = {r["jobId"] for r in ray.get(storage_actor.training_history.remote())}
+    assert {f"TSTA_lstm_{c}" for c in range(CALLERS)} <= jobs
+
+    newest = ray.get(storage_actor.query_predictions.remote("TSTA", 10))
+    ts = [r["timestamp"] for r in newest]
+    assert len(ts) == 10 and ts == sorted(ts, reverse=True)
+    assert ts[0] == max(r["timestamp"] for r in records if r["pair"] == "TSTA")
+    since = ts[4]
+    assert ray.get(storage_actor.query_predictions.remote("TSTA", 100, since)) == newest[:5]
+
+
+def test_retried_appends_with_ids_are_not_duplicated(storage_actor):
+    import ray
+
+    rec = {"pair": "TSTC", "timestamp": 5, "id": uuid.uuid4().hex}
+    assert ray.get(storage_actor.append_prediction.remote(rec))["id"] == rec["id"]
+    assert ray.get(storage_actor.append_prediction.remote(rec)) is None
+    assert ray.get(storage_actor.count_predictions.remote("TSTC")) == 1
+
+
+def test_state_survives_a_restart_and_age_flush_runs_in_the_background(storage_actor):
+    import ray
+
+    ray.get(storage_actor.save.remote())
+    ray.get(storage_actor.put_document.remote("queue", "tst-state", {"queued": ["x"]}))
+    # Buffered only (far below flush_count): the background task must flush them by age.
+    ray.get(storage_actor.append_predictions.remote([{"pair": "TSTD", "timestamp": i} for i in range(7)]))
+    assert ray.get(storage_actor.stats.remote())["bufferedPredictions"] >= 7
+    from ml.config import get_settings
+
+    time.sleep(get_settings().storage.prediction_flush_seconds + 1.5)
+    assert ray.get(storage_actor.stats.remote())["bufferedPredictions"] == 0
+
+    def pid() -> int:
+        return ray.get(storage_actor.__ray_call__.remote(lambda self: __import__("os").getpid()), timeout=30)
+
+    old_pid = pid()
+    ray.kill(storage_actor, no_restart=False)  # a crash: the actor is restarted by Ray
+    deadline = time.monotonic() + 90
+    while True:  # ray.kill is asynchronous: wait until a new process answers
+        try:
+            if pid() != old_pid:
+                break
+        except ray.exceptions.RayActorError:
+            pass
+        assert time.monotonic() < deadline, "the Storage actor was not restarted"
+        time.sleep(0.3)
+    assert ray.get(storage_actor.count_predictions.remote("TSTA"), timeout=60) + \
+        ray.get(storage_actor.count_predictions.remote("TSTB")) == CALLERS * APPENDS
+    assert ray.get(storage_actor.count_predictions.remote("TSTD")) == 7
+    assert ray.get(storage_actor.get_document.remote("queue", "tst-state")) == {"queued": ["x"]}
+    # The restarted actor holds the writer lock again and keeps serving writes.
+    assert ray.get(storage_actor.append_prediction.remote({"pair": "TSTD", "timestamp": 99}))
+
+
+@pytest.mark.parametrize("how", ["stop_storage_actor", "__ray_terminate__"])
+def test_graceful_shutdown_flushes_the_buffer(ray_cluster, tmp_path: Path, how: str):
+    import ray
+
+    from actors.storage import get_or_create_storage_actor, stop_storage_actor
+    from ml.storage.store import Storage
+
+    name = f"tbml-storage-test-{uuid.uuid4().hex[:8]}"
+    handle = get_or_create_storage_actor(tmp_path, ray_cluster["namespace"], name=name,
+                                         flush_count=10**6, flush_seconds=3600)
+    ray.get(handle.append_predictions.remote([{"pair": "TSTE", "timestamp": i} for i in range(50)]))
+    assert Storage.reader(tmp_path).count_predictions("TSTE") == 0  # all still buffered
+    if how == "stop_storage_actor":
+        assert stop_storage_actor(handle)["savedCount"] == 50
+    else:
+        handle.__ray_terminate__.remote()  # Ray's graceful exit: the atexit hook flushes
+    deadline = time.monotonic() + 60
+    while True:  # the actor is gone for good (an intentional exit is not restarted)
+        try:
+            ray.get_actor(name, namespace=ray_cluster["namespace"])
+        except ValueError:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert Storage.reader(tmp_path).count_predictions("TSTE") == 50
+    # A new actor on the same directory (it gets the writer lock back) sees everything.
+    again = get_or_create_storage_actor(tmp_path, ray_cluster["namespace"], name=name)
+    try:
+        assert ray.get(again.count_predictions.remote("TSTE")) == 50
+    finally:
+        ray.kill(again, no_restart=True)
