@@ -1,0 +1,258 @@
+"""Training as a Ray Train job: a TorchTrainer around the Ray-free loop of ml.train (SPEC §5).
+
+run_torch_trainer() does, on the driver:
+  1. load the candles (the configured source; `files` reads the candle store under data_dir) and
+     build the Dataset once (ml.train.prepare_dataset),
+  2. put its compact form (ml.train.pack_dataset: train + validation only) in the object store,
+  3. start a TorchTrainer with ScalingConfig(num_workers, CPU only, resources_per_worker) and
+     RunConfig(name=run_name, storage_path=data_dir/"ray_results"). Each worker runs
+     ml.train.fit on its shard of every epoch (DDP via ray.train.torch.prepare_model when there
+     are several workers) and calls ray.train.report every epoch with the epoch metrics; rank 0
+     attaches a checkpoint (state.pt: weights, optimizer, best weights, counters) and, if a
+     progress actor is named, sends it {epoch, total, loss, val_loss, eta_s},
+  4. load the best weights from the last checkpoint and calibrate + evaluate on the driver with
+     ml.train.build_result, exactly as train_local does.
+
+Cancel: if the progress actor's report_progress returns "cancel"/"stop" or a dict with a true
+"cancel" or "stop", every worker stops at that epoch boundary and run_torch_trainer raises
+ml.train.TrainingCancelled (nothing to register). Killing the task that runs run_torch_trainer
+also stops the run (Ray tears the workers down with the controller).
+
+Resume: a run directory with the same run_name under storage_path holds Ray Train's checkpoint
+snapshot. With resume=True training continues from its latest checkpoint (when the config and
+data shape match); with resume=False (default) an existing name gets a unique suffix instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ml.train import (
+    FitResult,
+    TrainConfig,
+    TrainingCancelled,
+    TrainResult,
+    build_result,
+    deterministic,
+    fit,
+    load_training_candles,
+    new_model,
+    pack_dataset,
+    prepare_dataset,
+    unpack_dataset,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), which
+# also paces start-up and shutdown of a run: a short job waits several intervals for nothing. The
+# driver's value is propagated to the controller; we lower the default unless the operator set one.
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DEFAULT_HEALTH_CHECK_INTERVAL_S = "0.25"
+RESULTS_DIR = "ray_results"
+PROGRESS_TIMEOUT_S = 10.0
+
+
+def _is_cancel(reply: Any) -> bool:
+    if isinstance(reply, str):
+        return reply.lower() in ("cancel", "cancelled", "stop")
+    if isinstance(reply, dict):
+        return bool(reply.get("cancel") or reply.get("stop"))
+    return False
+
+
+def _progress_handle(progress_actor: tuple[str, str] | None):
+    if not progress_actor:
+        return None
+    import ray
+
+    name, namespace = progress_actor
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        log.warning("progress actor %s (namespace %s) not found; progress is not reported", name, namespace)
+        return None
+
+
+def _train_loop_per_worker(config: dict) -> dict:
+    """The function every Ray Train worker runs (rank 0's return value reaches the driver)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg = TrainConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    dataset = unpack_dataset(ray.get(config["data_ref"]))
+    model = new_model(cfg, len(dataset.feature_names))  # same seed -> same initial weights everywhere
+
+    start_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == config["fingerprint"]:
+            start_state = state
+        else:
+            log.warning("checkpoint of another config/data found in run %s: starting fresh", ctx.get_experiment_name())
+    if world > 1:
+        model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU)
+
+    actor = _progress_handle(config.get("progress_actor")) if rank == 0 else None
+    job_id = config.get("job_id")
+    stop = {"flag": False}
+    last_state: dict = {}
+
+    def on_checkpoint(state: dict) -> None:
+        last_state.clear()
+        last_state.update(state)
+
+    def on_epoch(info: dict) -> None:
+        metrics = {k: info[k] for k in ("epoch", "total", "loss", "val_loss", "best_val_loss", "best_epoch",
+                                        "elapsed_s", "epoch_s", "samples_per_s", "eta_s")}
+        cancel = False
+        if actor is not None:
+            progress = {k: info[k] for k in ("epoch", "total", "loss", "val_loss", "eta_s")}
+            try:
+                cancel = _is_cancel(ray.get(actor.report_progress.remote(job_id, progress),
+                                            timeout=PROGRESS_TIMEOUT_S))
+            except Exception as exc:  # progress is best effort; training goes on
+                log.warning("progress report failed: %s", exc)
+        if world > 1:  # rank 0's decision reaches every rank before the next batch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1 if cancel else 0], dtype=torch.int64)
+            dist.broadcast(flag, src=0)
+            cancel = bool(flag.item())
+        metrics["cancelled"] = cancel
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({**last_state, "fingerprint": config["fingerprint"]}, Path(tmp) / CHECKPOINT_FILE)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if cancel:
+            stop["flag"] = True
+
+    result = fit(model, dataset, cfg, on_epoch=on_epoch, on_checkpoint=on_checkpoint,
+                 should_stop=lambda: stop["flag"], start_state=start_state, shard=(rank, world))
+    return {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss, "stopped": result.stopped, "history": result.history,
+            "elapsed_s": result.elapsed_s, "train_samples": result.train_samples}
+
+
+def _unique_run_name(storage_path: Path, run_name: str) -> str:
+    if not (storage_path / run_name).exists():
+        return run_name
+    return f"{run_name}-{int(time.time() * 1000)}"
+
+
+def run_torch_trainer(
+    cfg: TrainConfig,
+    *,
+    data_dir: str | Path,
+    run_name: str,
+    job_id: str | None = None,
+    progress_actor: tuple[str, str] | None = None,
+    num_workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    candles=None,
+    settings=None,
+    resume: bool = False,
+    keep_checkpoints: int | None = None,
+) -> TrainResult:
+    """Train `cfg` as a Ray Train TorchTrainer job and return the same TrainResult as train_local.
+
+    Needs a connected Ray (ray.init or running inside a Ray task/actor). `candles` skips loading
+    (tests, benchmarks). num_workers / cpus_per_worker default to settings.training. Raises
+    TrainingCancelled when cancelled through the progress actor; any worker error propagates.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if settings is None:
+        from ml.config import get_settings
+
+        settings = get_settings()
+    t0 = time.perf_counter()
+    workers = int(num_workers or settings.training.num_workers)
+    cpus = float(cpus_per_worker or settings.training.cpus_per_worker)
+    if workers < 1 or cpus <= 0:
+        raise ValueError(f"num_workers must be >= 1 and cpus_per_worker > 0, got {workers}, {cpus}")
+    if cfg.threads == 0:  # one torch thread per reserved CPU (at least one)
+        cfg = cfg.model_copy(update={"threads": max(1, int(cpus))})
+
+    data_dir = Path(data_dir)
+    if candles is None:
+        from ml.data.store import CandleStore
+
+        candles = load_training_candles(cfg, settings, CandleStore(data_dir, settings.timeframe))
+    elif cfg.bars and len(candles) > cfg.bars:
+        candles = candles.iloc[-cfg.bars:].reset_index(drop=True)
+    dataset = prepare_dataset(candles, cfg)
+    data_ref = ray.put(pack_dataset(dataset, splits=("train", "val")))
+
+    storage_path = (data_dir / RESULTS_DIR).resolve()
+    storage_path.mkdir(parents=True, exist_ok=True)
+    name = run_name if resume else _unique_run_name(storage_path, run_name)
+    fingerprint = f"{cfg.model_dump_json()}|{len(dataset.feature_names)}|{len(dataset.y_train)}"
+
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, DEFAULT_HEALTH_CHECK_INTERVAL_S)
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "data_ref": data_ref, "job_id": job_id,
+                           "progress_actor": tuple(progress_actor) if progress_actor else None,
+                           "fingerprint": fingerprint},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.threads)}},
+        ),
+    )
+    result = trainer.fit()  # raises the worker's error if the run failed
+    summary = result.return_value or {}
+    if summary.get("stopped") == "cancelled" or (result.metrics or {}).get("cancelled"):
+        raise TrainingCancelled(f"training of {cfg.pair}/{cfg.model_type} cancelled (run {name})")
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+    model = new_model(cfg, len(dataset.feature_names))
+    model.load_state_dict(state["best_state"])
+    fit_result = FitResult(
+        epochs_run=int(summary.get("epochs_run", state["epoch"])),
+        best_epoch=int(summary.get("best_epoch", state["best_epoch"])),
+        best_val_loss=float(summary.get("best_val_loss", state["best_val_loss"])),
+        stopped=str(summary.get("stopped", "completed")),
+        history=list(summary.get("history", state.get("history", []))),
+        elapsed_s=float(summary.get("elapsed_s", 0.0)),
+        train_samples=int(summary.get("train_samples", 0)),
+    )
+    with deterministic(cfg.seed, cfg.torch_threads()):
+        out = build_result(cfg, dataset, model, fit_result, time.perf_counter() - t0)
+    out.run_info = {"runner": "ray_train", "run_name": name, "storage_path": str(storage_path),
+                    "run_path": result.path, "num_workers": workers, "cpus_per_worker": cpus,
+                    "job_id": job_id, "checkpoint": result.checkpoint.path}
+    return out
+
+
+def run_dir(data_dir: str | Path, run_name: str) -> Path:
+    """Where a run's Ray Train results and checkpoints live."""
+    return Path(data_dir).resolve() / RESULTS_DIR / run_name
+
+
+__all__ = ["run_torch_trainer", "run_dir", "TrainingCancelled", "CHECKPOINT_FILE"]
