@@ -1,0 +1,848 @@
+"""The training queue as a pure state machine (SPEC §6). No Ray here: `actors/training_queue.py` is
+the thin shell that gives it a place in the cluster, runs the jobs and persists `snapshot()`.
+
+Every method that depends on time takes `now` (epoch ms) from the caller, so the rules are exact and
+testable with a fake clock.
+
+Rules
+-----
+* Priority 1-10, lower runs first; FIFO among equal priorities (by a monotonically increasing
+  sequence number given when a job enters, or re-enters, the queue). Jobs interrupted by a restart
+  (see restore) come before all of them.
+* At most `max_concurrent` jobs are active. `runnable()` never offers more than the free slots and
+  `start()` refuses to exceed them.
+* One job per PAIR+model: a second request while one is queued or active is refused with the
+  existing job id (`duplicate`).
+* A success starts a cooldown for its PAIR+model (`cooldown_minutes`); requests inside it are refused
+  with the remaining time (`cooldown`). `clear_cooldowns()` lifts one or all.
+* A failure is retried while `attempts < max_attempts`: back in the queue with priority +2 (max 10)
+  and not before `now + retry_base_s * 2**(attempts-1)`; after the last attempt the job is `failed`.
+* Cancel: a queued job leaves the queue; an active job is marked cancelled and the caller stops its
+  work. A late result of a cancelled job is ignored (`succeed`/`fail` return None).
+* Finalizing: once training returned, the job asks `begin_finalize()` before it registers its model.
+  From then on it can no longer be cancelled (registration is a short, atomic write), and a job that
+  was cancelled first gets False and registers nothing.
+* Emergency stop cancels every queued and active (not finalizing) job and pauses the queue: new
+  requests are refused (`paused`) and nothing starts until `resume()`.
+* History keeps the newest `history_limit` finished jobs.
+* `snapshot()` / `QueueState.restore()`: a JSON-able round trip. Jobs that were *active* when the
+  snapshot was taken are put back at the head of the queue on restore (their Ray work died with the
+  old actor process); the interrupted attempt is not counted against `max_attempts`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ml.data.candles import InvalidPairError, validate_pair
+
+PRIORITY_MIN, PRIORITY_MAX = 1, 10
+DEFAULT_PRIORITY = 5
+RETRY_PRIORITY_STEP = 2
+EPOCHS_MIN, EPOCHS_MAX = 1, 500
+RECENT_HISTORY = 20
+SNAPSHOT_VERSION = 1
+
+QUEUED, ACTIVE, COMPLETED, FAILED, CANCELLED = "queued", "training", "completed", "failed", "cancelled"
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+
+ACCEPTED, DUPLICATE, COOLDOWN, PAUSED = "queued", "duplicate", "cooldown", "paused"
+HTTP_STATUS = {ACCEPTED: 202, DUPLICATE: 409, COOLDOWN: 429, PAUSED: 503}
+
+
+class QueueError(Exception):
+    """An operation the queue's rules do not allow."""
+
+
+class InvalidRequest(QueueError, ValueError):
+    """A training request with bad parameters (the caller's fault: HTTP 400/422, exit code 2)."""
+
+
+class JobNotFound(QueueError, KeyError):
+    """No job with that id (neither queued, active nor in the history)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "job not found"
+
+
+class JobNotCancellable(QueueError):
+    """The job already finished, or it is registering its result."""
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    max_concurrent: int = 1
+    cooldown_minutes: float = 30
+    max_attempts: int = 2
+    retry_base_s: float = 30
+    history_limit: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ValueError("max_concurrent must be >= 1")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.cooldown_minutes < 0 or self.retry_base_s < 0:
+            raise ValueError("cooldown_minutes and retry_base_s must be >= 0")
+        if self.history_limit < 1:
+            raise ValueError("history_limit must be >= 1")
+
+    @classmethod
+    def from_settings(cls, queue_settings: Any = None, **overrides: Any) -> QueueConfig:
+        """From `Settings.queue` (or the process settings), with keyword overrides."""
+        if queue_settings is None:
+            from ml.config import get_settings
+
+            queue_settings = get_settings().queue
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown queue settings: {', '.join(sorted(unknown))}")
+        values = {name: getattr(queue_settings, name) for name in names if hasattr(queue_settings, name)}
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def cooldown_ms(self) -> int:
+        return int(round(self.cooldown_minutes * 60_000))
+
+    def backoff_ms(self, attempt: int) -> int:
+        """Delay before retrying after the `attempt`-th attempt failed (1-based): base * 2**(attempt-1)."""
+        return int(round(self.retry_base_s * 1000 * 2 ** max(0, attempt - 1)))
+
+
+def cooldown_key(pair: str, model_type: str) -> str:
+    return f"{pair}:{model_type}"
+
+
+@dataclass
+class TrainRequest:
+    """What a caller asks for. `None` parameters take the training defaults from the settings.
+
+    `config_overrides` are extra keyword overrides for `TrainConfig.from_settings` (not exposed over
+    HTTP; used by operators' tooling and tests, e.g. a smaller `bars`).
+    """
+
+    pair: str
+    model_type: str = "lstm"
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    horizon: int | None = None
+    priority: int = DEFAULT_PRIORITY
+    max_attempts: int | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    source: str = "api"
+
+    def validate(self, model_types: Iterable[str] | None = None) -> TrainRequest:
+        """Raise InvalidRequest naming the first bad field; return self."""
+        try:
+            validate_pair(self.pair)
+        except InvalidPairError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if not isinstance(self.model_type, str) or not self.model_type:
+            raise InvalidRequest("modelType must be a non-empty string")
+        if model_types is not None:
+            allowed = list(model_types)
+            if self.model_type not in allowed:
+                raise InvalidRequest(f"unknown or disabled model type {self.model_type!r}; one of {allowed}")
+        _check_int("priority", self.priority, PRIORITY_MIN, PRIORITY_MAX)
+        if self.epochs is not None:
+            _check_int("epochs", self.epochs, EPOCHS_MIN, EPOCHS_MAX)
+        if self.batch_size is not None:
+            _check_int("batchSize", self.batch_size, 1, 65_536)
+        if self.horizon is not None:
+            _check_int("horizon", self.horizon, 1, 10_000)
+        if self.max_attempts is not None:
+            _check_int("maxAttempts", self.max_attempts, 1, 100)
+        if self.learning_rate is not None and (
+            isinstance(self.learning_rate, bool)
+            or not isinstance(self.learning_rate, int | float)
+            or not math.isfinite(self.learning_rate)
+            or not 0 < self.learning_rate <= 1
+        ):
+            raise InvalidRequest("learningRate must be a number in (0, 1]")
+        if not isinstance(self.config_overrides, dict):
+            raise InvalidRequest("config_overrides must be a mapping")
+        return self
+
+    @classmethod
+    def from_api(cls, pair: str, model_type: str, body: dict[str, Any] | None, *,
+                 source: str = "api") -> TrainRequest:
+        """From an HTTP body in camelCase: {epochs, batchSize, learningRate, priority, maxAttempts, horizon}."""
+        body = dict(body or {})
+        known = {"epochs", "batchSize", "learningRate", "priority", "maxAttempts", "horizon"}
+        unknown = set(body) - known
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        return cls(
+            pair=pair, model_type=model_type, epochs=body.get("epochs"), batch_size=body.get("batchSize"),
+            learning_rate=body.get("learningRate"), horizon=body.get("horizon"),
+            priority=body.get("priority", DEFAULT_PRIORITY), max_attempts=body.get("maxAttempts"),
+            source=source,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainRequest:
+        """From snake_case fields; unknown keys are ignored and None means "the default"."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names and v is not None})
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+
+
+@dataclass
+class Job:
+    job_id: str
+    pair: str
+    model_type: str
+    priority: int
+    original_priority: int
+    max_attempts: int
+    params: dict[str, Any]
+    config_overrides: dict[str, Any]
+    source: str
+    created_at: int
+    seq: int
+    enqueued_at: int
+    status: str = QUEUED
+    not_before: int = 0
+    attempts: int = 0
+    started_at: int | None = None
+    finished_at: int | None = None
+    finalizing: bool = False
+    progress: dict[str, Any] | None = None
+    error: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    cancel_reason: str | None = None
+    restored: int = 0
+    run_id: str | None = None  # identifies one start of the job (attempt + restore count)
+    head: bool = False  # interrupted by a restart: runs before every other queued job
+
+    @property
+    def key(self) -> str:
+        return cooldown_key(self.pair, self.model_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def view(self, now: int, *, position: int | None = None) -> dict[str, Any]:
+        """The camelCase JSON shape of SPEC §8 (`id` kept for the original service's clients)."""
+        out: dict[str, Any] = {
+            "id": self.job_id,
+            "jobId": self.job_id,
+            "pair": self.pair,
+            "modelType": self.model_type,
+            "status": self.status,
+            "priority": self.priority,
+            "originalPriority": self.original_priority,
+            "attempts": self.attempts,
+            "maxAttempts": self.max_attempts,
+            "params": {
+                "epochs": self.params.get("epochs"),
+                "batchSize": self.params.get("batch_size"),
+                "learningRate": self.params.get("learning_rate"),
+                "horizon": self.params.get("horizon"),
+            },
+            "source": self.source,
+            "createdAt": self.created_at,
+            "queuedAt": self.enqueued_at,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+        }
+        if self.status == QUEUED:
+            out["queuePosition"] = position
+            out["queuedFor"] = max(0, now - self.enqueued_at)
+            out["notBefore"] = self.not_before or None
+            out["retryInSeconds"] = max(0.0, (self.not_before - now) / 1000) if self.not_before else 0.0
+        if self.status == ACTIVE and self.started_at is not None:
+            out["duration"] = max(0, now - self.started_at)
+            out["finalizing"] = self.finalizing
+        if self.finished_at is not None and self.started_at is not None:
+            out["duration"] = max(0, self.finished_at - self.started_at)
+        if self.progress is not None:
+            out["progress"] = dict(self.progress)
+        if self.error:
+            out["error"] = self.error
+        if self.errors:
+            out["errors"] = [dict(e) for e in self.errors]
+        if self.result is not None:
+            out["result"] = self.result
+        if self.cancel_reason:
+            out["cancelReason"] = self.cancel_reason
+        if self.restored:
+            out["restored"] = self.restored
+        return out
+
+
+@dataclass
+class SubmitOutcome:
+    status: str  # ACCEPTED | DUPLICATE | COOLDOWN | PAUSED
+    job: Job | None = None
+    existing_job_id: str | None = None
+    retry_after_s: float | None = None
+    queue_position: int | None = None
+    message: str = ""
+    can_train: dict[str, Any] | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == ACCEPTED
+
+    def to_dict(self, now: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status,
+            "accepted": self.accepted,
+            "httpStatus": HTTP_STATUS[self.status],
+            "message": self.message,
+            "jobId": self.job.job_id if self.job else self.existing_job_id,
+            "queuePosition": self.queue_position,
+            "canTrain": self.can_train,
+        }
+        if self.existing_job_id:
+            out["existingJobId"] = self.existing_job_id
+        if self.retry_after_s is not None:
+            out["retryAfterSeconds"] = self.retry_after_s
+            out["cooldownRemainingMinutes"] = _minutes_left(self.retry_after_s * 1000)
+        if self.job is not None:
+            out["job"] = self.job.view(now, position=self.queue_position)
+            out["pair"], out["modelType"] = self.job.pair, self.job.model_type
+        return out
+
+
+def _minutes_left(ms: float) -> int:
+    """Whole minutes, rounded up: never 0 while any cooldown is left."""
+    return max(0, math.ceil(ms / 60_000))
+
+
+class QueueState:
+    """Queued, active and finished jobs, cooldowns and the pause flag. Not thread-safe: one owner."""
+
+    def __init__(self, config: QueueConfig | None = None) -> None:
+        self.config = config or QueueConfig()
+        self.queued: dict[str, Job] = {}
+        self.active: dict[str, Job] = {}
+        self.history: list[Job] = []  # oldest first
+        self.history_total = 0
+        self.cooldowns: dict[str, int] = {}  # "PAIR:model" -> until (epoch ms)
+        self.paused = False
+        self.paused_at: int | None = None
+        self.last_retrain_at: int | None = None
+        self.revision = 0  # +1 on every change: the shell persists when it moves
+        self._seq = 0
+        self._last_id_ms: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def _changed(self) -> None:
+        self.revision += 1
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _new_job_id(self, pair: str, model_type: str, now: int) -> str:
+        prefix = f"{pair}_{model_type}"
+        ms = max(int(now), self._last_id_ms.get(prefix, -1) + 1)
+        while self._find(f"{prefix}_{ms}") is not None:
+            ms += 1
+        self._last_id_ms[prefix] = ms
+        return f"{prefix}_{ms}"
+
+    def _find(self, job_id: str) -> Job | None:
+        job = self.active.get(job_id) or self.queued.get(job_id)
+        if job is not None:
+            return job
+        for old in reversed(self.history):
+            if old.job_id == job_id:
+                return old
+        return None
+
+    def _to_history(self, job: Job) -> None:
+        self.history.append(job)
+        self.history_total += 1
+        overflow = len(self.history) - self.config.history_limit
+        if overflow > 0:
+            del self.history[:overflow]
+
+    def _prune_cooldowns(self, now: int) -> None:
+        for key in [k for k, until in self.cooldowns.items() if until <= now]:
+            del self.cooldowns[key]
+
+    def ordered_queue(self) -> list[Job]:
+        """Queued jobs in run order: priority ascending, then FIFO."""
+        return sorted(self.queued.values(), key=lambda j: (not j.head, j.priority, j.seq))
+
+    def queue_position(self, job_id: str) -> int | None:
+        for i, job in enumerate(self.ordered_queue(), start=1):
+            if job.job_id == job_id:
+                return i
+        return None
+
+    def pending_for(self, pair: str, model_type: str) -> Job | None:
+        """The queued or active job of this PAIR+model, if any."""
+        for job in (*self.active.values(), *self.queued.values()):
+            if job.pair == pair and job.model_type == model_type:
+                return job
+        return None
+
+    def cooldown_remaining_ms(self, pair: str, model_type: str, now: int) -> int:
+        until = self.cooldowns.get(cooldown_key(pair, model_type))
+        return max(0, until - now) if until else 0
+
+    def get(self, job_id: str) -> Job:
+        job = self._find(job_id)
+        if job is None:
+            raise JobNotFound(f"no training job {job_id!r}")
+        return job
+
+    # ---------------------------------------------------------------- gate
+    def can_train(self, pair: str, model_type: str, now: int) -> dict[str, Any]:
+        """{allowed, reason, cooldownRemainingMinutes[, jobId]}: would a request be accepted now?"""
+        if self.paused:
+            return {"allowed": False, "reason": "Training paused by emergency stop (resume to continue)",
+                    "cooldownRemainingMinutes": 0}
+        pending = self.pending_for(pair, model_type)
+        if pending is not None:
+            what = "Already training" if pending.status == ACTIVE else "Already queued"
+            return {"allowed": False, "reason": what, "cooldownRemainingMinutes": 0, "jobId": pending.job_id}
+        left = self.cooldown_remaining_ms(pair, model_type, now)
+        if left > 0:
+            return {"allowed": False, "reason": "Cooldown active", "cooldownRemainingMinutes": _minutes_left(left),
+                    "cooldownRemainingSeconds": left / 1000}
+        if len(self.active) < self.config.max_concurrent and not any(
+            j.not_before <= now for j in self.queued.values()
+        ):
+            return {"allowed": True, "reason": "Can start immediately", "cooldownRemainingMinutes": 0}
+        return {"allowed": True, "reason": f"Will be queued ({len(self.queued)} waiting, "
+                f"{len(self.active)} training)", "cooldownRemainingMinutes": 0}
+
+    def submit(self, request: TrainRequest, now: int) -> SubmitOutcome:
+        request.validate()
+        self._prune_cooldowns(now)
+        can = self.can_train(request.pair, request.model_type, now)
+        label = f"{request.pair}:{request.model_type}"
+        if self.paused:
+            return SubmitOutcome(PAUSED, message=f"Training queue is paused (emergency stop); {label} refused",
+                                 can_train=can)
+        pending = self.pending_for(request.pair, request.model_type)
+        if pending is not None:
+            return SubmitOutcome(
+                DUPLICATE, existing_job_id=pending.job_id, can_train=can,
+                queue_position=self.queue_position(pending.job_id),
+                message=f"{label} is already {'training' if pending.status == ACTIVE else 'queued'} "
+                        f"as {pending.job_id}",
+            )
+        left = self.cooldown_remaining_ms(request.pair, request.model_type, now)
+        if left > 0:
+            return SubmitOutcome(COOLDOWN, retry_after_s=left / 1000, can_train=can,
+                                 message=f"{label} is cooling down for {left / 1000:.0f} s more")
+        job = Job(
+            job_id=self._new_job_id(request.pair, request.model_type, now),
+            pair=request.pair,
+            model_type=request.model_type,
+            priority=request.priority,
+            original_priority=request.priority,
+            max_attempts=request.max_attempts or self.config.max_attempts,
+            params={"epochs": request.epochs, "batch_size": request.batch_size,
+                    "learning_rate": request.learning_rate, "horizon": request.horizon},
+            config_overrides=dict(request.config_overrides),
+            source=request.source,
+            created_at=int(now),
+            seq=self._next_seq(),
+            enqueued_at=int(now),
+        )
+        self.queued[job.job_id] = job
+        self._changed()
+        position = self.queue_position(job.job_id)
+        return SubmitOutcome(ACCEPTED, job=job, queue_position=position, can_train=can,
+                             message=f"Training job queued for {label}")
+
+    # ---------------------------------------------------------------- scheduling
+    def free_slots(self, busy: int = 0) -> int:
+        """Slots left; `busy` counts work the shell still runs outside the active set (e.g. a
+        cancelled job whose Ray work is still shutting down)."""
+        return max(0, self.config.max_concurrent - len(self.active) - max(0, busy))
+
+    def runnable(self, now: int, busy: int = 0) -> list[Job]:
+        """Jobs to start now, in order: never more than the free slots; none while paused."""
+        if self.paused:
+            return []
+        slots = self.free_slots(busy)
+        if slots == 0:
+            return []
+        return [j for j in self.ordered_queue() if j.not_before <= now][:slots]
+
+    def next_wakeup(self, now: int) -> int | None:
+        """When the earliest backed-off job becomes eligible (for a scheduler that sleeps)."""
+        waits = [j.not_before for j in self.queued.values() if j.not_before > now]
+        return min(waits) if waits else None
+
+    def start(self, job_id: str, now: int, busy: int = 0) -> Job:
+        job = self.queued.get(job_id)
+        if job is None:
+            raise QueueError(f"job {job_id!r} is not queued")
+        if self.paused:
+            raise QueueError("queue is paused")
+        if self.free_slots(busy) == 0:
+            raise QueueError(f"max_concurrent={self.config.max_concurrent} reached")
+        if job.not_before > now:
+            raise QueueError(f"job {job_id!r} may not start before {job.not_before}")
+        del self.queued[job_id]
+        job.status = ACTIVE
+        job.attempts += 1
+        job.started_at = int(now)
+        job.finalizing = False
+        job.progress = None
+        job.run_id = f"a{job.attempts}r{job.restored}"
+        job.head = False
+        self.active[job_id] = job
+        self._changed()
+        return job
+
+    def active_run(self, job_id: str, run_id: str | None = None) -> Job | None:
+        """The active job, if `run_id` (when given) is its current run."""
+        job = self.active.get(job_id)
+        if job is None or (run_id is not None and run_id != job.run_id):
+            return None
+        return job
+
+    def progress(self, job_id: str, data: dict[str, Any], now: int, run_id: str | None = None) -> Job | None:
+        """Record a progress report {epoch, total, loss, val_loss, eta_s}; ignored unless active
+        (and, with `run_id`, unless it comes from the job's current run).
+
+        The ETA comes from the epoch rate measured since the first report (which excludes the
+        cluster's start-up time); before two reports it falls back to the reporter's own estimate.
+        Progress does not move `revision` (it is not worth a write; snapshots still carry it).
+        """
+        job = self.active_run(job_id, run_id)
+        if job is None:
+            return None
+        epoch = _num(data.get("epoch"))
+        total = _num(data.get("total", data.get("total_epochs", data.get("totalEpochs"))))
+        prev = job.progress or {}
+        first_at = prev.get("firstReportAt", now)
+        first_epoch = prev.get("firstEpoch", epoch)
+        eta = _num(data.get("eta_s", data.get("etaSeconds")))
+        if epoch is not None and total is not None:
+            done_since = epoch - (first_epoch or 0)
+            if done_since > 0 and now > first_at:
+                eta = (now - first_at) / 1000 / done_since * max(0, total - epoch)
+            elif epoch >= total:
+                eta = 0.0
+        job.progress = {
+            "epoch": int(epoch) if epoch is not None else None,
+            "totalEpochs": int(total) if total is not None else None,
+            "loss": _num(data.get("loss")),
+            "valLoss": _num(data.get("val_loss", data.get("valLoss"))),
+            "etaSeconds": round(eta, 1) if eta is not None else None,
+            "percent": round(100 * epoch / total, 1) if epoch is not None and total else None,
+            "updatedAt": int(now),
+            "firstReportAt": first_at,
+            "firstEpoch": first_epoch,
+        }
+        # Not a persisted change: progress is transient (a restored job starts over without it),
+        # and writing the snapshot every epoch would be wasted I/O.
+        return job
+
+    def begin_finalize(self, job_id: str, run_id: str | None = None) -> bool:
+        """May this job register its result? True once, only while it is active (not cancelled) and
+        `run_id` (when given) is its current run: a stale run never registers."""
+        job = self.active_run(job_id, run_id)
+        if job is None or job.finalizing:
+            return False
+        job.finalizing = True
+        self._changed()
+        return True
+
+    def succeed(self, job_id: str, summary: dict[str, Any] | None, now: int) -> Job | None:
+        """Active -> completed, cooldown for its PAIR+model. None if the job is no longer active."""
+        job = self.active.pop(job_id, None)
+        if job is None:
+            return None
+        job.status = COMPLETED
+        job.finished_at = int(now)
+        job.finalizing = False
+        job.result = summary
+        job.error = None
+        if job.progress is not None:
+            job.progress["etaSeconds"] = 0.0
+        if self.config.cooldown_ms > 0:
+            self.cooldowns[job.key] = int(now) + self.config.cooldown_ms
+        self._to_history(job)
+        self._changed()
+        return job
+
+    def fail(self, job_id: str, error: str, now: int) -> Job | None:
+        """Active -> queued again after a backoff (status QUEUED), or `failed` after the last attempt.
+
+        None if the job is no longer active (cancelled: its error is not news).
+        """
+        job = self.active.pop(job_id, None)
+        if job is None:
+            return None
+        job.finalizing = False
+        job.error = str(error)
+        job.errors.append({"attempt": job.attempts, "error": str(error)[:2000], "at": int(now)})
+        if job.attempts < job.max_attempts and not self.paused:
+            job.status = QUEUED
+            job.not_before = int(now) + self.config.backoff_ms(job.attempts)
+            job.priority = min(PRIORITY_MAX, job.priority + RETRY_PRIORITY_STEP)
+            job.seq = self._next_seq()
+            job.enqueued_at = int(now)
+            job.started_at = None
+            self.queued[job_id] = job
+        else:
+            job.status = FAILED
+            job.finished_at = int(now)
+            self._to_history(job)
+        self._changed()
+        return job
+
+    # ---------------------------------------------------------------- operator actions
+    def cancel(self, job_id: str, reason: str | None, now: int) -> Job:
+        """Queued: removed. Active: marked cancelled (the caller stops its work). Returns the job
+        with `status == CANCELLED`; `job.started_at` tells whether it was running."""
+        job = self.queued.pop(job_id, None)
+        if job is None:
+            job = self.active.get(job_id)
+            if job is None:
+                old = self._find(job_id)
+                if old is None:
+                    raise JobNotFound(f"no training job {job_id!r}")
+                raise JobNotCancellable(f"job {job_id} already {old.status}")
+            if job.finalizing:
+                raise JobNotCancellable(f"job {job_id} finished training and is registering its model")
+            del self.active[job_id]
+        else:
+            job.started_at = None  # a queued job (even a retrying one) has no running work
+        job.status = CANCELLED
+        job.finished_at = int(now)
+        job.cancel_reason = reason or "cancelled"
+        self._to_history(job)
+        self._changed()
+        return job
+
+    def emergency_stop(self, now: int, reason: str = "emergency stop") -> list[str]:
+        """Cancel everything queued and active, pause. Returns the ids of active jobs to stop.
+
+        A job that is already registering its model (finalizing) is left to finish its short write.
+        """
+        for job_id in [j.job_id for j in self.ordered_queue()]:
+            self.cancel(job_id, reason, now)
+        stopped = []
+        for job_id, job in list(self.active.items()):
+            if not job.finalizing:
+                self.cancel(job_id, reason, now)
+                stopped.append(job_id)
+        self.paused = True
+        self.paused_at = int(now)
+        self._changed()
+        return stopped
+
+    def resume(self) -> bool:
+        """Unpause; True if the queue was paused."""
+        was = self.paused
+        self.paused = False
+        self.paused_at = None
+        self._changed()
+        return was
+
+    def clear_cooldowns(self, pair: str | None = None, model_type: str | None = None) -> int:
+        """Remove the cooldowns matching pair and/or model type (both None: all). Returns the count."""
+        keys = [k for k in self.cooldowns
+                if (pair is None or k.split(":", 1)[0] == pair)
+                and (model_type is None or k.split(":", 1)[1] == model_type)]
+        for k in keys:
+            del self.cooldowns[k]
+        if keys:
+            self._changed()
+        return len(keys)
+
+    # ---------------------------------------------------------------- periodic retraining
+    def retrain_due(self, interval_ms: int, now: int) -> bool:
+        if interval_ms <= 0:
+            return False
+        return self.last_retrain_at is None or now - self.last_retrain_at >= interval_ms
+
+    def mark_retrain(self, now: int) -> None:
+        self.last_retrain_at = int(now)
+        self._changed()
+
+    def pick_retrain_target(self, candidates: Iterable[tuple[str, str, int | None]],
+                            now: int) -> tuple[str, str] | None:
+        """The (pair, model) whose production model is oldest (None = no model: oldest of all),
+        skipping PAIR+models that are cooling down or already queued/active."""
+        eligible = [
+            (trained_at if trained_at is not None else -1, i, pair, model)
+            for i, (pair, model, trained_at) in enumerate(candidates)
+            if self.pending_for(pair, model) is None and self.cooldown_remaining_ms(pair, model, now) == 0
+        ]
+        if not eligible:
+            return None
+        _, _, pair, model = min(eligible)
+        return pair, model
+
+    # ---------------------------------------------------------------- views
+    def job_view(self, job_id: str, now: int) -> dict[str, Any] | None:
+        job = self._find(job_id)
+        if job is None:
+            return None
+        return job.view(now, position=self.queue_position(job_id) if job.status == QUEUED else None)
+
+    def cooldown_view(self, now: int) -> list[dict[str, Any]]:
+        out = []
+        for key, until in sorted(self.cooldowns.items(), key=lambda kv: kv[1]):
+            if until <= now:
+                continue
+            pair, model = key.split(":", 1)
+            out.append({"pair": pair, "modelType": model, "until": until,
+                        "cooldownRemainingMinutes": _minutes_left(until - now),
+                        "cooldownRemainingSeconds": (until - now) / 1000})
+        return out
+
+    def view(self, now: int, *, recent: int = RECENT_HISTORY) -> dict[str, Any]:
+        """SPEC §8 `queue` object: {active, queued, history, cooldowns, paused} (camelCase)."""
+        ordered = self.ordered_queue()
+        return {
+            "active": {
+                "count": len(self.active),
+                "maxConcurrent": self.config.max_concurrent,
+                "jobs": [j.view(now) for j in sorted(self.active.values(), key=lambda j: j.started_at or 0)],
+            },
+            "queued": {
+                "count": len(ordered),
+                "jobs": [j.view(now, position=i) for i, j in enumerate(ordered, start=1)],
+            },
+            "history": {
+                "total": self.history_total,
+                "kept": len(self.history),
+                "recent": [j.view(now) for j in reversed(self.history[-recent:])] if recent > 0 else [],
+            },
+            "cooldowns": self.cooldown_view(now),
+            "cooldownMinutes": self.config.cooldown_minutes,
+            "paused": self.paused,
+            "pausedAt": self.paused_at,
+        }
+
+    def summary(self, now: int) -> dict[str, Any]:
+        """A small view for health endpoints."""
+        return {"active": len(self.active), "queued": len(self.queued), "paused": self.paused,
+                "maxConcurrent": self.config.max_concurrent, "cooldowns": len(self.cooldown_view(now)),
+                "historyTotal": self.history_total}
+
+    # ---------------------------------------------------------------- persistence
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to rebuild the state; JSON-able."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "queued": [j.to_dict() for j in self.ordered_queue()],
+            "active": [j.to_dict() for j in self.active.values()],
+            "history": [j.to_dict() for j in self.history],
+            "historyTotal": self.history_total,
+            "cooldowns": dict(self.cooldowns),
+            "paused": self.paused,
+            "pausedAt": self.paused_at,
+            "lastRetrainAt": self.last_retrain_at,
+            "seq": self._seq,
+            "lastIdMs": dict(self._last_id_ms),
+            "revision": self.revision,
+        }
+
+    @classmethod
+    def restore(cls, data: dict[str, Any] | None, config: QueueConfig | None = None) -> QueueState:
+        """Rebuild from `snapshot()`. Jobs that were active go back to the head of the queue (their
+        work died with the process that owned it); that interrupted attempt is not counted."""
+        state = cls(config)
+        if not data:
+            return state
+        if data.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported queue snapshot version {data.get('version')!r}")
+        state._seq = int(data.get("seq", 0))
+        state._last_id_ms = {k: int(v) for k, v in (data.get("lastIdMs") or {}).items()}
+        for raw in data.get("queued", []):
+            job = Job.from_dict(raw)
+            job.status = QUEUED
+            state.queued[job.job_id] = job
+        interrupted = sorted((Job.from_dict(raw) for raw in data.get("active", [])),
+                             key=lambda j: j.started_at or 0)
+        head = min([j.seq for j in state.queued.values()], default=state._seq + 1)
+        for offset, job in enumerate(reversed(interrupted), start=1):
+            job.status = QUEUED
+            job.attempts = max(0, job.attempts - 1)
+            job.started_at = None
+            job.finalizing = False
+            job.progress = None
+            job.not_before = 0
+            job.run_id = None
+            job.restored += 1
+            job.head = True  # ahead of every queued job, whatever its priority
+            job.seq = head - offset  # FIFO (by start time) among the interrupted
+            state.queued[job.job_id] = job
+        state.history = [Job.from_dict(raw) for raw in data.get("history", [])][-state.config.history_limit:]
+        state.history_total = int(data.get("historyTotal", len(state.history)))
+        state.cooldowns = {k: int(v) for k, v in (data.get("cooldowns") or {}).items()}
+        state.paused = bool(data.get("paused", False))
+        state.paused_at = data.get("pausedAt")
+        state.last_retrain_at = data.get("lastRetrainAt")
+        state.revision = int(data.get("revision", 0))
+        return state
+
+
+def result_summary(meta: Any, result: Any) -> dict[str, Any]:
+    """A small JSON-able record of a registered run (registry meta + TrainResult) for the history."""
+    meta = meta if isinstance(meta, dict) else {}
+    metrics = getattr(result, "metrics", None) or meta.get("metrics") or {}
+    model_m = metrics.get("model", {}) if isinstance(metrics, dict) else {}
+    base_m = metrics.get("baseline", {}) if isinstance(metrics, dict) else {}
+
+    def pick(d: dict, *names: str):
+        for n in names:
+            value = d.get(n)
+            if isinstance(value, float) and not math.isfinite(value):
+                return None  # documents are strict JSON
+            if isinstance(value, int | float | str | bool):
+                return value
+        return None
+
+    promotion = meta.get("promotion") if isinstance(meta.get("promotion"), dict) else {}
+    return {
+        "version": pick(meta, "version", "id"),
+        "production": pick(promotion, "promoted"),
+        "promotionReason": pick(promotion, "reason"),
+        "epochsRun": getattr(result, "epochs_run", None),
+        "stopped": getattr(result, "stopped", None),
+        "trainSeconds": round(float(getattr(result, "train_seconds", 0.0) or 0.0), 2),
+        "metrics": {
+            "accuracy": pick(model_m, "accuracy"),
+            "balancedAccuracy": pick(model_m, "balanced_accuracy"),
+            "brier": pick(model_m, "brier"),
+            "logLoss": pick(model_m, "log_loss"),
+            "baselineBrier": pick(base_m, "brier"),
+            "baselineLogLoss": pick(base_m, "log_loss"),
+        },
+    }
+
+
+def _num(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
