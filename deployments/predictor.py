@@ -1,0 +1,286 @@
+"""The predictor deployment: production models per PAIR+model version, batched inference (SPEC §5, §8).
+
+* Models: Serve model multiplexing. A model id is `PAIR:model_type:version`; the ingress sends
+  each request with `multiplexed_model_id` set, so Serve routes it to a replica that already holds
+  that model, and `get_model` loads a missing one from the registry (`ml.registry.load_model` on
+  the shared volume, read-only) and keeps at most MAX_MODELS_PER_REPLICA per replica (LRU).
+  A newly promoted version is simply a new model id: the next request loads it, no restart; the
+  old one ages out of the LRU.
+* Features: the latest window comes from the Redis cache (key with the candle ts, shared by every
+  replica: a window computed after a miss on one replica is a hit on all others) or, on a miss,
+  from the feature deployment (concurrent misses compute once). A replica also keeps the windows
+  it decoded (at most LOCAL_WINDOWS, for the features TTL): the key names the candle, so a kept
+  window can never be stale. Hits on that local copy are not in the shared Redis counters.
+* Inference: `@serve.batch` collects concurrent requests; each batch is split by model and every
+  model runs ONE forward pass over its stacked windows in the replica's inference thread
+  (`run_in_executor`), so the event loop keeps accepting requests while torch computes. With the default
+  `batch_wait_timeout_s = 0`, a lone request is not delayed; under load the requests that arrive
+  while a batch runs form the next batch.
+
+`predict` returns `{"prediction": {...}, "replica", "featuresCached", ...}`; the prediction has the
+SPEC §8 shape. Expected conditions (not enough data, features that differ from the model's) come
+back as fallback predictions with a `reason`; exceptions are real failures (the ingress answers
+with a fallback too and does not cache it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deployments.common import (
+    AppArgs,
+    apply_env,
+    decode_window,
+    direct,
+    finite_or_none,
+    model_id,
+    now_ms,
+    parse_model_id,
+    replica_tag,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MODELS_PER_REPLICA = 8
+LOCAL_WINDOWS = 256  # decoded feature windows kept per replica (keys name the candle: never stale)
+# A few well-known features shown with every prediction (the rest: GET /api/features/{pair}).
+SAMPLE_FEATURES = ("rsi_14", "macd_hist", "bb_pct_b", "stoch_k", "adx_14", "vol_ratio_20",
+                   "volat_atr_pct_14", "ret_log_1")
+
+
+def fallback_prediction(*, model_type: str, version: str | None, horizon: int, reason: str,
+                        as_of: int | None = None, timeframe_ms: int | None = None) -> dict[str, Any]:
+    """The neutral HOLD answered when there is no model, no data or an error (SPEC §8)."""
+    from ml.signals import neutral
+
+    s = neutral()
+    target = as_of + horizon * timeframe_ms if as_of is not None and timeframe_ms else None
+    return {
+        "direction": s.direction, "probability": s.probability, "confidence": s.confidence,
+        "signal": s.signal, "modelType": model_type, "modelVersion": version, "horizon": int(horizon),
+        "asOf": as_of, "targetTime": target, "stale": False, "fallback": True, "reason": reason,
+        "features": {"count": 0, "sample": {}},
+    }
+
+
+def _init_inference_thread(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _feature_index() -> dict[str, int]:
+    from ml.features import FEATURE_NAMES
+
+    return {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+class _LazyIndex(dict):
+    """FEATURE_NAMES -> column, built on first use (ml.features is imported lazily in replicas)."""
+
+    def _fill(self) -> None:
+        if not self:
+            self.update(_feature_index())
+
+    def __contains__(self, key: object) -> bool:
+        self._fill()
+        return super().__contains__(key)
+
+    def __getitem__(self, key: str) -> int:
+        self._fill()
+        return super().__getitem__(key)
+
+
+_INDEX = _LazyIndex()
+
+
+class PredictorImpl:
+    """The predictor replica; deployed as `PredictorDeployment` (end of module)."""
+
+    def __init__(self, features, args: dict[str, Any] | None = None) -> None:
+        self.args = AppArgs.model_validate(args or {})
+        self.settings = apply_env(self.args.replica_env())
+        import torch
+
+        torch.set_num_threads(self.args.torch_threads)
+        # One inference thread (batches run one at a time anyway). Its own torch thread setting:
+        # OpenMP's thread count is per OS thread, and a pool thread left at the default spins up
+        # as many OpenMP threads as cores, which made one forward pass ~5x slower on 2 cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tbml-infer",
+                                            initializer=_init_inference_thread,
+                                            initargs=(self.args.torch_threads,))
+        from ml.cache import Cache
+        from ml.storage.store import Storage
+
+        self.features = direct(features, self.args.handle_grpc)
+        self.reader = Storage.reader(self.settings.data_dir)
+        self.cache = Cache.from_settings(self.settings)
+        self.tf = self.settings.timeframe_ms
+        self.tag = replica_tag()
+        self._infer.set_max_batch_size(self.args.max_batch_size)
+        self._infer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._windows: OrderedDict[str, tuple[float, np.ndarray, int, str | None]] = OrderedDict()
+        self.stats_ = {"requests": 0, "batches": 0, "batchedItems": 0, "maxBatch": 0, "modelLoads": 0,
+                       "loadErrors": 0, "featureHits": 0, "featureMisses": 0, "featureLocalHits": 0}
+
+    # ---------------------------------------------------------------------------------- models
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_model(self, mid: str):
+        """Load one version from the registry (called by Serve's LRU on a miss)."""
+        pair, model_type, version = parse_model_id(mid)
+        from ml.features import FEATURE_NAMES
+        from ml.registry import FeatureMismatchError, load_model
+
+        try:
+            model = await asyncio.to_thread(load_model, self.reader, pair, model_type, version)
+        except Exception:
+            self.stats_["loadErrors"] += 1
+            raise
+        if list(model.feature_names) != list(FEATURE_NAMES):
+            model.check_feature_names(FEATURE_NAMES)  # raises with the differences
+            raise FeatureMismatchError(f"{mid}: feature order differs from the serving features")
+        self.stats_["modelLoads"] += 1
+        log.info("predictor %s loaded %s", self.tag, mid)
+        return model
+
+    # ---------------------------------------------------------------------------------- predict
+    async def predict(self, req: dict[str, Any]) -> dict[str, Any]:
+        """req: {pair, modelType, version, candleTs, horizon}. See the module docstring."""
+        from ml.cache import CacheKind, cache_key
+        from ml.signals import classify, is_stale
+
+        self.stats_["requests"] += 1
+        t0 = time.perf_counter()
+        pair, model_type, version = req["pair"], req["modelType"], req["version"]
+        candle_ts, horizon = req.get("candleTs"), int(req["horizon"])
+        mid = model_id(pair, model_type, version)
+        model = await self.get_model(mid)
+        if horizon not in model.horizons:
+            return self._answer(fallback_prediction(
+                model_type=model_type, version=version, horizon=horizon, timeframe_ms=self.tf,
+                reason=f"model {version} predicts horizons {model.horizons}, not {horizon}"), None)
+        rows = int(model.seq_len)
+        key = cache_key(CacheKind.FEATURES, pair=pair, candle_ts=candle_ts, extra=f"w{rows}",
+                        namespace=self.settings.namespace)
+        local = self._windows.get(key)
+        if local is not None and local[0] > time.monotonic():
+            self._windows.move_to_end(key)
+            _, window, last_ts, feature_hash = local
+            source = "local"
+            self.stats_["featureLocalHits"] += 1
+        else:
+            payload, hit = await self.cache.get_or_compute(
+                CacheKind.FEATURES, key, self._window_loader(pair, candle_ts, rows))
+            source = "redis" if hit is not None else None
+            self.stats_["featureHits" if hit is not None else "featureMisses"] += 1
+            if "error" in payload:
+                return self._answer(fallback_prediction(
+                    model_type=model_type, version=version, horizon=horizon, timeframe_ms=self.tf,
+                    reason=payload.get("message", payload["error"])), source)
+            window, last_ts, feature_hash = decode_window(payload), int(payload["ts"][-1]), payload.get("featureHash")
+            # The key names the candle, so the window never changes: keep the decoded array (L1).
+            self._windows[key] = (time.monotonic() + self.settings.cache.features_ttl_s, window, last_ts,
+                                  feature_hash)
+            while len(self._windows) > LOCAL_WINDOWS:
+                self._windows.popitem(last=False)
+        as_of = last_ts + self.tf  # close time of the last candle used
+        if feature_hash and model.feature_hash and feature_hash != model.feature_hash:
+            return self._answer(fallback_prediction(
+                model_type=model_type, version=version, horizon=horizon, as_of=as_of, timeframe_ms=self.tf,
+                reason=f"serving features (hash {feature_hash[:12]}) differ from the model's "
+                       f"(hash {model.feature_hash[:12]}): retrain {pair}/{model_type}"), source)
+        out = await self._infer((mid, model, window))
+        if isinstance(out, str):  # the batch reported an error for this model
+            raise RuntimeError(out)
+        # Rounded once, so probability and confidence shown agree exactly (confidence = |p - 0.5| * 2).
+        p_up = round(float(out[model.horizons.index(horizon)]), 6)
+        s = classify(p_up, self.settings.signals.strong, self.settings.signals.weak)
+        from ml.features import FEATURE_NAMES
+
+        last = window[-1]
+        sample = {}
+        for name in SAMPLE_FEATURES:
+            if name in _INDEX:
+                sample[name] = finite_or_none(round(float(last[_INDEX[name]]), 6))
+        now = now_ms()
+        prediction = {
+            "direction": s.direction,
+            "probability": s.probability,
+            "confidence": round(s.confidence, 6),
+            "signal": s.signal,
+            "modelType": model_type,
+            "modelVersion": version,
+            "horizon": horizon,
+            "asOf": as_of,
+            "targetTime": as_of + horizon * self.tf,
+            "stale": is_stale(model.meta.get("trainedAt"), now, self.settings.signals.expire_hours),
+            "fallback": False,
+            "features": {"count": len(FEATURE_NAMES), "sample": sample},
+        }
+        out = self._answer(prediction, source)
+        out["predictorMs"] = round((time.perf_counter() - t0) * 1000, 3)
+        return out
+
+    def _answer(self, prediction: dict[str, Any], features_source: str | None) -> dict[str, Any]:
+        return {"prediction": prediction, "replica": self.tag, "featuresCached": features_source is not None,
+                "featuresSource": features_source, "computedAt": now_ms()}
+
+    def _window_loader(self, pair: str, candle_ts: int | None, rows: int) -> Callable[[], Awaitable[dict]]:
+        async def load() -> dict:
+            return await self.features.window.remote(pair, candle_ts, rows)
+
+        return load
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _infer(self, items: list[tuple[str, Any, np.ndarray]]) -> list[Any]:
+        """One forward pass per model over the stacked windows of the batch (in a worker thread)."""
+        n = len(items)
+        self.stats_["batches"] += 1
+        self.stats_["batchedItems"] += n
+        self.stats_["maxBatch"] = max(self.stats_["maxBatch"], n)
+        groups: dict[str, list[int]] = {}
+        for i, (mid, _model, _window) in enumerate(items):
+            groups.setdefault(mid, []).append(i)
+        out: list[Any] = [None] * n
+        for mid, idx in groups.items():
+            model = items[idx[0]][1]
+            stacked = np.stack([items[i][2] for i in idx])
+            try:
+                probs = await asyncio.get_running_loop().run_in_executor(self._executor, model.predict_proba, stacked)
+            except Exception as exc:  # noqa: BLE001 - reported to each caller of this model
+                log.exception("inference of %s failed", mid)
+                for i in idx:
+                    out[i] = f"inference of {mid} failed: {type(exc).__name__}: {exc}"
+                continue
+            probs = np.asarray(probs, dtype=np.float64).reshape(len(idx), -1)
+            for j, i in enumerate(idx):
+                out[i] = probs[j]
+        return out
+
+    # ---------------------------------------------------------------------------------- status
+    async def stats(self) -> dict[str, Any]:
+        models = []
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        if wrapper is not None:
+            models = list(getattr(wrapper, "models", {}).keys())
+        return {"replica": self.tag, "models": models, **self.stats_, "cache": self.cache.status(),
+                "at": now_ms()}
+
+
+# Decorated here (not with @): the class stays importable by name, so Serve pickles it by reference.
+PredictorDeployment = serve.deployment(
+    name="Predictor",
+    max_ongoing_requests=32,
+    ray_actor_options={"num_cpus": 0.25},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+                        "upscale_delay_s": 5, "downscale_delay_s": 60, "look_back_period_s": 15},
+)(PredictorImpl)

@@ -1,0 +1,292 @@
+"""Pydantic request and response models of the HTTP API (SPEC §8): camelCase, times in epoch ms.
+
+Request bodies are strict (`extra="forbid"`, ranges checked): a bad body is a 4xx with a message,
+never a 500. Response models document the shapes in OpenAPI (`/docs`) and are what the tests
+validate answers against; they allow extra fields, so adding a field never breaks a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+class ErrorResponse(_Out):
+    error: str = Field(description="machine-readable code, e.g. pair_not_found, validation_error")
+    message: str
+    details: list[dict[str, Any]] | None = None
+    availablePairs: list[str] | None = None
+
+
+# --------------------------------------------------------------------------------------- bodies
+
+
+class TrainBody(_Body):
+    epochs: int | None = Field(None, ge=1, le=500)
+    batchSize: int | None = Field(None, ge=1, le=65536)
+    learningRate: float | None = Field(None, gt=0, le=1)
+    priority: int = Field(5, ge=1, le=10, description="1 runs first")
+    maxAttempts: int | None = Field(None, ge=1, le=10)
+    horizon: int | None = Field(None, ge=1, le=10_000, description="bars ahead")
+
+
+class PromoteBody(_Body):
+    version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    reason: str | None = Field(None, max_length=500)
+
+
+class RollbackBody(_Body):
+    version: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                                description="default: the version production had before")
+    reason: str | None = Field(None, max_length=500)
+
+
+class CancelBody(_Body):
+    reason: str | None = Field(None, max_length=500)
+
+
+class EmergencyStopBody(_Body):
+    reason: str | None = Field(None, max_length=500)
+
+
+class ClearCooldownsBody(_Body):
+    pair: str | None = Field(None, max_length=15)
+    modelType: str | None = Field(None, max_length=32)
+
+
+class CleanupBody(_Body):
+    maxAgeHours: float = Field(168, ge=0, le=1_000_000)
+
+
+# --------------------------------------------------------------------------------------- predictions
+
+
+class FeatureSample(_Out):
+    count: int
+    sample: dict[str, float | None]
+
+
+class Prediction(_Out):
+    direction: Literal["up", "down", "neutral"]
+    probability: float = Field(description="calibrated P(up) over the horizon")
+    confidence: float = Field(description="|p - 0.5| * 2")
+    signal: Literal["STRONG_BUY", "BUY", "HOLD", "SELL", "STRONG_SELL"]
+    modelType: str
+    modelVersion: str | None
+    horizon: int = Field(description="bars ahead")
+    asOf: int | None = Field(description="close time of the last candle used (epoch ms)")
+    targetTime: int | None = Field(description="asOf + horizon bars (epoch ms)")
+    stale: bool
+    fallback: bool
+    reason: str | None = None
+    features: FeatureSample
+
+
+class PredictionResponse(_Out):
+    pair: str
+    prediction: Prediction
+    timestamp: int
+    cached: bool
+    cacheAge: int | None = Field(None, description="ms since the cached answer was computed (hits only)")
+    responseTime: float = Field(description="ms spent in the service")
+
+
+class AllPredictionsResponse(_Out):
+    predictions: dict[str, Prediction]
+    count: int
+    timestamp: int
+    cached: dict[str, bool]
+    responseTime: float
+
+
+class HistoryRecord(_Out):
+    id: str
+    pair: str
+    timestamp: int
+    direction: str
+    probability: float
+    confidence: float
+    signal: str
+    outcome: str | None = Field(None, description="realized direction once targetTime has passed")
+    correct: bool | None = None
+
+
+class HistoryResponse(_Out):
+    pair: str
+    predictions: list[HistoryRecord]
+    count: int
+    totalCount: int
+    timestamp: int
+
+
+class AccuracyResponse(_Out):
+    pair: str
+    window: int
+    n: int
+    accuracy: float | None
+    brier: float | None
+    baseRate: float | None
+    baselineBrier: float | None
+    timestamp: int
+
+
+# --------------------------------------------------------------------------------------- features
+
+
+class FeatureMetadata(_Out):
+    asOf: int
+    bars: int
+    extractedAt: int
+
+
+class FeatureBlock(_Out):
+    count: int
+    names: list[str]
+    values: list[float | None]
+    metadata: FeatureMetadata
+
+
+class FeaturesResponse(_Out):
+    pair: str
+    features: FeatureBlock
+    timestamp: int
+    cached: bool
+
+
+# --------------------------------------------------------------------------------------- pairs, health
+
+
+class PairInfo(_Out):
+    pair: str
+    configured: bool
+    coverage: dict[str, Any] | None
+    models: dict[str, dict[str, Any]]
+
+
+class PairsResponse(_Out):
+    pairs: list[PairInfo]
+    count: int
+    timeframe: str
+    source: str
+    timestamp: int
+
+
+class HealthResponse(_Out):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    service: str
+    version: str
+    timestamp: int
+    uptime: str
+    components: dict[str, dict[str, Any]]
+    models: dict[str, Any]
+    predictions: dict[str, Any]
+    training: dict[str, Any]
+    performance: dict[str, Any]
+    storage: dict[str, Any]
+
+
+class PingResponse(_Out):
+    ok: bool
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+class ModelTypeStatus(_Out):
+    hasModel: bool
+    modelInfo: dict[str, Any]
+    production: dict[str, Any] | None
+    versions: int
+    training: dict[str, Any]
+
+
+class ModelStatusResponse(_Out):
+    pair: str
+    featureCount: int
+    models: dict[str, ModelTypeStatus]
+    trainingQueue: dict[str, Any]
+    timestamp: int
+
+
+class VersionsResponse(_Out):
+    pair: str
+    models: dict[str, dict[str, Any]]
+    timestamp: int
+
+
+class PromoteResponse(_Out):
+    success: bool
+    message: str
+    pair: str
+    modelType: str
+    version: str
+    previousVersion: str | None
+    timestamp: int
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+class TrainAccepted(_Out):
+    message: str
+    jobId: str
+    pair: str
+    modelType: str
+    status: str
+    queuePosition: int | None
+    canTrain: dict[str, Any] | None
+    queueStatus: dict[str, Any] | None
+    timestamp: int
+
+
+class QueueResponse(_Out):
+    queue: dict[str, Any]
+    timestamp: int
+
+
+class JobResponse(_Out):
+    job: dict[str, Any]
+    timestamp: int
+
+
+class ActionResponse(_Out):
+    success: bool
+    message: str
+    timestamp: int
+
+
+# --------------------------------------------------------------------------------------- storage
+
+
+class StorageStatsResponse(_Out):
+    storage: dict[str, Any]
+    performance: dict[str, Any]
+    timestamp: int
+
+
+class SaveResponse(_Out):
+    success: bool
+    message: str
+    savedCount: int
+    durationMs: float
+    timestamp: int
+
+
+class CleanupResponse(_Out):
+    success: bool
+    message: str
+    cleanedCount: int
+    maxAgeHours: float
+    timestamp: int

@@ -1,0 +1,615 @@
+"""The Serve application over its real HTTP proxy (SPEC §8): shapes, caching, fallbacks, training,
+bad input, autoscaling, shared cache, Redis outage.
+
+One application (`deployments.app:build_app`, the options of serve_config.yaml with fast test
+autoscaling and tiny CPU reservations) is deployed once for the module on the session's Ray
+cluster, with Serve's proxy on a free port and the session's real redis-server. Pairs are private
+to this module (SVA: a trained production model, SVB: data but no model, SVT: trained over HTTP,
+SVX: a production version whose weights are garbage, so its predictions fail), so other modules'
+models in the shared data directory never interfere.
+
+The tests run in file order and build on each other where that saves minutes (Serve tests on 2
+cores are slow): e.g. the autoscaling test reuses the deployed app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+TOKEN = "serve-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PAIRS = ["SVA", "SVB", "SVT", "SVX"]
+BROKEN = "v20990101000000-deadbeef"
+APP = "tbml-serve-test"
+TF = 300_000
+BARS = 2500
+TINY = {"bars": 1500, "seq_len": 8, "hidden": 8, "batch_size": 256, "patience": 500}
+FAST_AUTOSCALING = {
+    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+    "upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "metrics_interval_s": 0.5, "look_back_period_s": 1.5,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = predicate()
+        except Exception as exc:  # noqa: BLE001 - keep polling; report the last failure
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+class _ActorStorage:
+    """Registry writes through the Storage actor (the single writer), blocking."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def __getattr__(self, name):
+        import ray
+
+        def call(*args, **kwargs):
+            return ray.get(getattr(self.handle, name).remote(*args, **kwargs), timeout=120)
+
+        return call
+
+
+def _train_and_register(pair: str, seed: int, storage) -> str:
+    from ml.data.sources import synthetic_candles
+    from ml.registry import Registry
+    from ml.train import TrainConfig, train_local
+
+    cfg = TrainConfig.from_settings(pair, "lstm", epochs=1, bars=1500, seed=seed, threads=1)
+    result = train_local(cfg, synthetic_candles(pair, bars=1500))
+    return Registry(storage).register(pair, result)["version"]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, redis_server):
+    """Candles, two registered versions of SVA (the first in production), a private training
+    queue, Serve on a free port and the application."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from actors.storage import get_or_create_storage_actor
+    from actors.training_queue import get_or_create_queue_actor
+    from deployments.app import app_from_config
+    from ml.data.sources import synthetic_candles
+    from ml.data.store import CandleStore
+
+    data_dir = ray_cluster["data_dir"]
+    ns = ray_cluster["namespace"]
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    redis_server.flush()
+
+    store = CandleStore(data_dir, "5m")
+    for pair in PAIRS:
+        store.write(pair, synthetic_candles(pair, bars=BARS))
+    storage = get_or_create_storage_actor(data_dir=str(data_dir), namespace=ns)
+    remote = _ActorStorage(storage)
+    v1 = _train_and_register("SVA", 7, remote)
+    v2 = _train_and_register("SVA", 8, remote)
+    ray.get(storage.set_production.remote("SVA", "lstm", v1, "test fixture"))
+    meta = ray.get(storage.get_version_meta.remote("SVA", "lstm", v1))
+    meta = {k: v for k, v in meta.items() if k not in ("files", "version", "pair", "modelType", "savedAt")}
+    scaler = ray.get(storage.read_model_file.remote("SVA", "lstm", v1, "scaler.json"))
+    ray.get(storage.save_model_version.remote("SVX", "lstm", BROKEN, meta,
+                                              {"weights.pt": b"not a state dict", "scaler.json": scaler}))
+    ray.get(storage.set_production.remote("SVX", "lstm", BROKEN, "broken on purpose"))
+
+    queue_name = f"tq-serve-{uuid.uuid4().hex[:8]}"
+    queue = get_or_create_queue_actor(ns, str(data_dir), {
+        "tick_s": 0.1, "cooldown_minutes": 30, "retry_base_s": 0.5, "train_overrides": TINY,
+        "num_workers": 1, "cpus_per_worker": 0.5, "max_attempts": 1}, name=queue_name)
+    ray.get(queue.ping.remote(), timeout=120)
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # If an earlier module left Serve running, its proxy keeps the port it was started with.
+    from ray.serve.context import _get_global_client
+
+    port = int(_get_global_client().get_serve_details().get("http_options", {}).get("port") or port)
+    tiny = {"ray_actor_options": {"num_cpus": 0.05}}
+    spec = app_from_config(
+        args={"data_dir": str(data_dir), "namespace": ns, "redis_url": redis_server.url, "api_token": TOKEN,
+              "pairs": PAIRS, "snapshot_interval_s": 0.2, "queue_name": queue_name, "actor_timeout_s": 60},
+        deployments={"Ingress": tiny, "Features": tiny,
+                     "Predictor": {**tiny, "autoscaling_config": FAST_AUTOSCALING}},
+    )
+    serve.run(spec["app"], name=APP, route_prefix="/", logging_config=spec["logging_config"])
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, timeout=60)
+    wait_for(lambda: client.get("/api/ping").status_code == 200, 120, what="the HTTP proxy")
+    ctx = {"base": base, "port": port, "client": client, "data_dir": data_dir, "store": store, "v1": v1,
+           "v2": v2, "storage": storage, "queue": queue, "queue_name": queue_name, "namespace": ns,
+           "redis": redis_server}
+    try:
+        yield ctx
+    finally:
+        client.close()
+        with contextlib.suppress(Exception):
+            ray.get(queue.emergency_stop.remote("test teardown"), timeout=60)
+        with contextlib.suppress(Exception):
+            ray.kill(queue, no_restart=True)
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        if redis_server.proc is None or redis_server.proc.poll() is not None:
+            redis_server.start()
+
+
+def _json(r):
+    assert r.headers["content-type"].startswith("application/json"), (r.status_code, r.text[:300])
+    return r.json()
+
+
+# ============================================================================================ shapes
+
+
+def test_every_read_endpoint_answers_its_documented_shape(served):
+    from deployments import schemas as S
+
+    c = served["client"]
+    r = c.get("/api/ping")
+    assert r.status_code == 200 and _json(r) == {"ok": True}
+
+    r = c.get("/api/health")
+    assert r.status_code == 200, r.text
+    health = S.HealthResponse.model_validate(_json(r))
+    assert health.status == "healthy", health.components
+    assert set(health.components) >= {"ray", "redis", "storage", "dataSource"}
+    assert set(health.performance["cacheHits"]) >= {"predictions", "features", "modelStatus"}
+    assert health.storage["enabled"] is True and "models" in health.storage["stats"]
+    assert "SVA" in health.models["pairs"] and health.training["maxConcurrent"] >= 1
+
+    pairs = S.PairsResponse.model_validate(_json(c.get("/api/pairs")))
+    by = {p.pair: p for p in pairs.pairs}
+    assert set(by) >= set(PAIRS)
+    assert by["SVA"].models["lstm"]["version"] == served["v1"] and by["SVB"].models["lstm"]["hasModel"] is False
+    assert by["SVA"].coverage["bars"] == BARS
+
+    S.FeaturesResponse.model_validate(_json(c.get("/api/features/SVA")))
+    S.ModelStatusResponse.model_validate(_json(c.get("/api/models/SVA/status")))
+    versions = S.VersionsResponse.model_validate(_json(c.get("/api/models/SVA/versions")))
+    assert {v["version"] for v in versions.models["lstm"]["versions"]} >= {served["v1"], served["v2"]}
+    assert versions.models["lstm"]["production"] == served["v1"]
+    S.QueueResponse.model_validate(_json(c.get("/api/training/queue")))
+    S.StorageStatsResponse.model_validate(_json(c.get("/api/storage/stats")))
+    S.AllPredictionsResponse.model_validate(_json(c.get("/api/predictions")))
+    S.HistoryResponse.model_validate(_json(c.get("/api/predictions/SVA/history")))
+    S.AccuracyResponse.model_validate(_json(c.get("/api/predictions/SVA/accuracy")))
+
+    docs = c.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = _json(c.get("/openapi.json"))
+    assert "/api/predictions/{pair}" in spec["paths"] and "/api/train/{pair}/{model}" in spec["paths"]
+    r = c.get("/no/such/route")
+    assert r.status_code == 404 and _json(r)["error"] == "not_found"
+
+
+# ============================================================================================ predictions
+
+
+def test_prediction_is_real_cached_and_recomputed_on_new_candle_and_new_version(served):
+    from deployments.schemas import HistoryResponse, PredictionResponse
+
+    c, store, v1, v2 = served["client"], served["store"], served["v1"], served["v2"]
+    from ml.data.sources import synthetic_candles
+
+    def new_candle() -> int:
+        """Append the next closed candle of SVA; returns its open time."""
+        end = store.coverage("SVA")["end"]
+        assert store.append("SVA", synthetic_candles("SVA", bars=1, end_ts=end + TF)) == 1
+        time.sleep(0.5)  # the ingress re-reads the candle store at most every snapshot_interval_s (0.2 s)
+        return end + TF
+
+    before = _json(c.get("/api/predictions/SVA/history", params={"limit": 1}))["totalCount"]
+    end = new_candle()  # a key no earlier test has seen
+
+    first = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVA")))
+    p = first.prediction
+    assert not p.fallback and p.reason is None, p
+    assert (p.modelType, p.modelVersion, p.horizon) == ("lstm", v1, 5)
+    assert p.asOf == end + TF and p.targetTime == p.asOf + 5 * TF
+    assert 0.0 <= p.probability <= 1.0 and abs(p.confidence - abs(p.probability - 0.5) * 2) < 1e-6
+    assert p.features.count == 136 and "rsi_14" in p.features.sample
+    assert first.cached is False and first.responseTime > 0
+
+    again = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVA")))
+    assert again.cached is True and again.cacheAge is not None and again.cacheAge >= 0
+    assert again.prediction.model_dump() == p.model_dump()
+    bypass = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVA", params={"bypassCache": "true"})))
+    assert bypass.cached is False and bypass.prediction.probability == p.probability
+
+    # A new closed candle: the next answer is recomputed (new key), one bar later.
+    assert new_candle() == end + TF
+    after_candle = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVA")))
+    assert after_candle.cached is False and after_candle.prediction.asOf == end + 2 * TF
+
+    # A newly promoted version: the next answer comes from it (no restart, not from the cache).
+    r = c.post("/api/models/SVA/lstm/promote", json={"version": v2}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert _json(r)["previousVersion"] == v1
+    promoted = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVA")))
+    assert promoted.cached is False and promoted.prediction.modelVersion == v2
+    assert not promoted.prediction.fallback
+    assert _json(c.get("/api/predictions/SVA"))["cached"] is True
+
+    r = c.post("/api/models/SVA/lstm/rollback", json={}, headers=AUTH)  # back to the previous one
+    assert r.status_code == 200 and _json(r)["version"] == v1, r.text
+    back = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVA")))
+    assert back.prediction.modelVersion == v1
+
+    # Every served prediction (cached or not) is in the history, newest first.
+    hist = HistoryResponse.model_validate(_json(c.get("/api/predictions/SVA/history", params={"limit": 50})))
+    assert hist.totalCount - before == 7
+    stamps = [rec.timestamp for rec in hist.predictions]
+    assert stamps == sorted(stamps, reverse=True)
+    assert hist.predictions[0].model_extra["modelVersion"] == v1
+    since = _json(c.get("/api/predictions/SVA/history", params={"since": now_plus(3600)}))
+    assert since["count"] == 0 and since["predictions"] == []
+
+    # once `horizon` more candles have closed, the history shows the realized outcome
+    last = store.coverage("SVA")["end"]
+    assert store.append("SVA", synthetic_candles("SVA", bars=6, end_ts=last + 6 * TF)) == 6
+    resolved = [r for r in _json(c.get("/api/predictions/SVA/history", params={"limit": 100}))["predictions"]
+                if r.get("outcome") is not None]
+    assert resolved and all(r["outcome"] in ("up", "down") for r in resolved)
+    assert all(r["targetTime"] <= last + 7 * TF for r in resolved)
+    acc = _json(c.get("/api/predictions/SVA/accuracy"))
+    assert acc["n"] >= 1 and 0.0 <= acc["brier"] <= 1.0 and 0.0 <= acc["baseRate"] <= 1.0, acc
+    time.sleep(0.5)
+
+    # hits (also those answered from the replica's memory) reach the shared counters in Redis
+    def hits() -> int:
+        return _json(c.get("/api/health"))["performance"]["cacheHits"]["predictions"]
+
+    c.get("/api/predictions/SVA")  # the new candle's answer, now cached
+    h0 = hits()
+    for _ in range(5):
+        assert _json(c.get("/api/predictions/SVA"))["cached"] is True
+    wait_for(lambda: hits() >= h0 + 5, 10, what="5 more prediction hits in the shared counters")
+
+
+def now_plus(seconds: float) -> int:
+    return int((time.time() + seconds) * 1000)
+
+
+def test_fallbacks_and_all_pairs(served):
+    from deployments.schemas import AllPredictionsResponse, PredictionResponse
+
+    c = served["client"]
+    r = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVB")))
+    p = r.prediction
+    assert p.fallback is True and "no production" in p.reason
+    assert (p.direction, p.signal, p.probability, p.confidence) == ("neutral", "HOLD", 0.5, 0.0)
+    assert p.modelVersion is None and p.asOf is not None
+
+    # a pair whose production model cannot be loaded: a fallback that names the failure, not cached
+    for _ in range(2):
+        broken = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVX")))
+        assert broken.cached is False and broken.prediction.fallback is True
+        assert broken.prediction.reason.startswith("prediction failed"), broken.prediction.reason
+        assert broken.prediction.modelVersion == BROKEN
+
+    every = AllPredictionsResponse.model_validate(_json(c.get("/api/predictions")))
+    assert every.count == len(PAIRS) and set(every.predictions) == set(PAIRS)
+    assert every.predictions["SVA"].fallback is False and every.predictions["SVB"].fallback is True
+    assert every.predictions["SVX"].fallback is True and every.predictions["SVX"].reason.startswith("prediction")
+
+    feats = _json(c.get("/api/features/SVA"))
+    assert feats["features"]["count"] == len(feats["features"]["names"]) == len(feats["features"]["values"]) == 136
+    assert feats["features"]["metadata"]["asOf"] == served["store"].coverage("SVA")["end"] + TF
+    assert _json(c.get("/api/features/SVA"))["cached"] is True
+
+    status = _json(c.get("/api/models/SVA/status"))
+    lstm = status["models"]["lstm"]
+    assert lstm["hasModel"] is True and lstm["production"]["version"] == served["v1"]
+    assert lstm["modelInfo"]["totalParams"] > 0 and lstm["modelInfo"]["isTraining"] is False
+    assert lstm["versions"] >= 2 and "allowed" in lstm["training"]
+    assert "brier" in lstm["production"]["metrics"] and lstm["production"]["trainedAt"] > 0
+    assert _json(c.get("/api/models/SVB/status"))["models"]["lstm"]["hasModel"] is False
+
+
+# ============================================================================================ bad input
+
+BAD_REQUESTS = [
+    # (method, path, kwargs, expected status, expected error code)
+    ("GET", "/api/predictions/NOPE", {}, 404, "pair_not_found"),
+    ("GET", "/api/predictions/..%2Fx", {}, 404, None),
+    ("GET", "/api/predictions/%2E%2E%2Fetc%2Fpasswd", {}, 404, None),
+    ("GET", "/api/predictions/", {}, 404, None),
+    ("GET", "/api/predictions/" + "A" * 300, {}, 404, "pair_not_found"),
+    ("GET", "/api/predictions/BT%C3%87", {}, 404, "pair_not_found"),
+    ("GET", "/api/predictions/%F0%9F%9A%80", {}, 404, "pair_not_found"),
+    ("GET", "/api/features/NOPE", {}, 404, "pair_not_found"),
+    ("GET", "/api/models/NOPE/status", {}, 404, "pair_not_found"),
+    ("GET", "/api/predictions/SVA?model=xgboost", {}, 422, "invalid_model"),
+    ("GET", "/api/predictions/SVA?horizon=0", {}, 422, "validation_error"),
+    ("GET", "/api/predictions/SVA?horizon=7", {}, 422, "invalid_horizon"),
+    ("GET", "/api/predictions/SVA?bypassCache=maybe", {}, 422, "validation_error"),
+    ("GET", "/api/predictions/SVA/history?limit=0", {}, 422, "validation_error"),
+    ("GET", "/api/predictions/SVA/history?limit=abc", {}, 422, "validation_error"),
+    ("GET", "/api/predictions/SVA/history?since=-5", {}, 422, "validation_error"),
+    ("GET", "/api/training/job/NOPE_lstm_1", {}, 404, "job_not_found"),
+    ("POST", "/api/train/SVT/xgboost", {"json": {}}, 404, "model_not_found"),
+    ("POST", "/api/train/NOPE/lstm", {"json": {}}, 404, "pair_not_found"),
+    ("POST", "/api/train/SVT/lstm", {"json": {"epochs": 0}}, 422, "validation_error"),
+    ("POST", "/api/train/SVT/lstm", {"json": {"epochs": 10_000}}, 422, "validation_error"),
+    ("POST", "/api/train/SVT/lstm", {"json": {"priority": 11}}, 422, "validation_error"),
+    ("POST", "/api/train/SVT/lstm", {"json": {"epochs": "many"}}, 422, "validation_error"),
+    ("POST", "/api/train/SVT/lstm", {"json": {"nonsense": 1}}, 422, "validation_error"),
+    ("POST", "/api/train/SVT/lstm", {"json": [1, 2]}, 422, "validation_error"),
+    ("POST", "/api/train/SVT/lstm", {"content": b"{not json", "headers": {"content-type": "application/json"}},
+     400, "invalid_json"),
+    ("POST", "/api/storage/cleanup", {"json": {"maxAgeHours": -1}}, 422, "validation_error"),
+    ("POST", "/api/storage/cleanup", {"json": {"maxAgeHours": "soon"}}, 422, "validation_error"),
+    ("POST", "/api/models/SVA/lstm/promote", {"json": {"version": "../../etc"}}, 422, "validation_error"),
+    ("POST", "/api/models/SVA/lstm/promote", {"json": {"version": "v19700101000000-deadbeef"}}, 404,
+     "version_not_found"),
+    ("POST", "/api/models/SVA/lstm/promote", {"json": {}}, 422, "validation_error"),
+    ("POST", "/api/training/clear-cooldowns", {"json": {"pair": "../x"}}, 404, "pair_not_found"),
+    ("DELETE", "/api/training/job/NOPE_lstm_1", {}, 404, "job_not_found"),
+    ("PUT", "/api/predictions/SVA", {}, 405, "method_not_allowed"),
+    ("POST", "/api/storage/save", {"content": b"x" * 70_000}, 413, "payload_too_large"),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs,status,code", BAD_REQUESTS,
+                         ids=[f"{m} {p[:40]} {k.get('json', '')}"[:70] for m, p, k, _, _ in BAD_REQUESTS])
+def test_bad_input_is_a_json_4xx_never_a_500(served, method, path, kwargs, status, code):
+    import httpx
+
+    headers = {**AUTH, **kwargs.pop("headers", {})} if kwargs else dict(AUTH)
+    kwargs = dict(kwargs)
+    # raw path: keep percent-escapes as sent (httpx would otherwise normalise them)
+    url = httpx.URL(served["base"] + path) if "%" not in path else httpx.URL(served["base"]).copy_with(
+        raw_path=path.encode())
+    r = served["client"].request(method, url, headers=headers, **kwargs)
+    body = _json(r)
+    assert r.status_code == status, (r.status_code, body)
+    assert isinstance(body.get("error"), str) and isinstance(body.get("message"), str), body
+    if code:
+        assert body["error"] == code, body
+    if body["error"] == "pair_not_found":
+        assert set(body["availablePairs"]) >= set(PAIRS)
+
+
+def test_mutating_endpoints_need_the_token(served):
+    c = served["client"]
+    mutating = [("POST", "/api/train/SVT/lstm", {"json": {}}), ("POST", "/api/train/SVT", {}),
+                ("POST", "/api/models/SVA/lstm/promote", {"json": {"version": served["v1"]}}),
+                ("POST", "/api/models/SVA/lstm/rollback", {}), ("DELETE", "/api/training/job/X_lstm_1", {}),
+                ("POST", "/api/training/emergency-stop", {}), ("POST", "/api/training/resume", {}),
+                ("POST", "/api/training/clear-cooldowns", {}), ("POST", "/api/storage/save", {}),
+                ("POST", "/api/storage/cleanup", {"json": {"maxAgeHours": 1e6}})]
+    for method, path, kw in mutating:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = c.request(method, path, headers=headers, **kw)
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert _json(r)["error"] == "unauthorized" and r.headers["www-authenticate"].startswith("Bearer")
+    # reads stay open
+    assert c.get("/api/training/queue").status_code == 200
+
+
+# ============================================================================================ training
+
+
+def test_training_over_http_queue_duplicate_cooldown_cancel_emergency_stop(served):
+    from deployments.schemas import JobResponse, QueueResponse, TrainAccepted
+
+    c = served["client"]
+    r = c.post("/api/train/SVT/lstm", json={"epochs": 1, "priority": 3}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    accepted = TrainAccepted.model_validate(_json(r))
+    job_id = accepted.jobId
+    assert job_id.startswith("SVT_lstm_") and accepted.status == "queued" and accepted.queuePosition >= 1
+
+    dup = c.post("/api/train/SVT/lstm", json={"epochs": 1}, headers=AUTH)
+    assert dup.status_code == 409 and _json(dup)["error"] == "duplicate" and _json(dup)["jobId"] == job_id
+
+    job = JobResponse.model_validate(_json(c.get(f"/api/training/job/{job_id}"))).job
+    assert job["jobId"] == job_id and job["status"] in ("queued", "training", "completed")
+
+    def finished():
+        j = _json(c.get(f"/api/training/job/{job_id}"))["job"]
+        return j if j["status"] in ("completed", "failed", "cancelled") else None
+
+    done = wait_for(finished, 240, interval=1.0, what=f"training job {job_id}")
+    assert done["status"] == "completed", done
+    assert done["progress"]["epoch"] == done["progress"]["totalEpochs"] == 1
+
+    cool = c.post("/api/train/SVT/lstm", json={"epochs": 1}, headers=AUTH)
+    assert cool.status_code == 429, cool.text
+    assert _json(cool)["error"] == "cooldown" and int(cool.headers["retry-after"]) > 0
+
+    # cancel a queued/running job
+    r = c.post("/api/train/SVB/lstm", json={"epochs": 200}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    jid = _json(r)["jobId"]
+    r = c.request("DELETE", f"/api/training/job/{jid}", json={"reason": "test"}, headers=AUTH)
+    assert r.status_code == 200 and _json(r)["success"] is True, r.text
+    assert _json(c.get(f"/api/training/job/{jid}"))["job"]["status"] == "cancelled"
+    again = c.request("DELETE", f"/api/training/job/{jid}", headers=AUTH)
+    assert again.status_code == 409 and _json(again)["error"] == "not_cancellable"
+
+    # emergency stop -> 503 until resume
+    r = c.post("/api/train/SVB/lstm", json={"epochs": 200}, headers=AUTH)
+    assert r.status_code == 202
+    r = c.post("/api/training/emergency-stop", headers=AUTH)
+    assert r.status_code == 200 and _json(r)["paused"] is True
+    queue = QueueResponse.model_validate(_json(c.get("/api/training/queue"))).queue
+    assert queue["paused"] is True and queue["queued"]["count"] == 0 and queue["active"]["count"] == 0
+    paused = c.post("/api/train/SVB/lstm", json={"epochs": 1}, headers=AUTH)
+    assert paused.status_code == 503 and _json(paused)["error"] == "paused"
+    assert c.post("/api/training/resume", headers=AUTH).status_code == 200
+    r = c.post("/api/train/SVB/lstm", json={"epochs": 200, "priority": 10}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    assert c.request("DELETE", f"/api/training/job/{_json(r)['jobId']}", headers=AUTH).status_code == 200
+
+    # clear cooldowns -> SVT can be queued again (then cancelled)
+    r = c.post("/api/training/clear-cooldowns", json={"pair": "SVT", "modelType": "lstm"}, headers=AUTH)
+    assert r.status_code == 200 and _json(r)["cleared"] == 1
+    r = c.post("/api/train/SVT", headers=AUTH)  # no model type: every enabled type
+    assert r.status_code == 202 and _json(r)["jobs"], r.text
+    for jid in _json(r)["jobs"]:
+        c.request("DELETE", f"/api/training/job/{jid}", headers=AUTH)
+    history = _json(c.get("/api/training/queue"))["queue"]["history"]
+    assert history["total"] >= 4
+
+
+# ============================================================================================ storage
+
+
+def test_storage_endpoints(served):
+    from deployments.schemas import CleanupResponse, SaveResponse, StorageStatsResponse
+
+    c = served["client"]
+    stats = StorageStatsResponse.model_validate(_json(c.get("/api/storage/stats")))
+    for cat in ("models", "weights", "training", "predictions", "features", "candles"):
+        assert {"count", "sizeBytes"} <= set(stats.storage[cat]), cat
+    assert stats.storage["models"]["count"] >= 2 and stats.storage["totalSizeBytes"] > 0
+    assert "cacheHits" in stats.performance
+    save = SaveResponse.model_validate(_json(c.post("/api/storage/save", headers=AUTH)))
+    assert save.success is True and save.savedCount >= 0
+    r = c.post("/api/storage/cleanup", json={"maxAgeHours": 1_000_000}, headers=AUTH)
+    cleanup = CleanupResponse.model_validate(_json(r))
+    assert cleanup.success is True and cleanup.maxAgeHours == 1_000_000
+
+
+# ============================================================================================ replicas
+
+
+def test_two_predictor_replicas_share_the_redis_cache(served):
+    """A second application: predictor + features only, exactly 2 predictor replicas. A feature window
+    computed after a miss on one replica is a hit on the other."""
+    from ray import serve
+
+    from deployments.app import build_predictor_app
+
+    tiny = {"num_cpus": 0.05}
+    app = build_predictor_app({
+        "data_dir": str(served["data_dir"]), "namespace": served["namespace"], "redis_url": served["redis"].url,
+        "pairs": PAIRS,
+        "deployments": {"Predictor": {"num_replicas": 2, "autoscaling_config": None, "ray_actor_options": tiny},
+                        "Features": {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": tiny}},
+    })
+    handle = serve.run(app, name="tbml-serve-test-pred2", route_prefix=None)
+    try:
+        # a candle ts deep in the history that no other test used: the features key is new everywhere
+        ts = served["store"].coverage("SVA")["start"] + 1000 * TF
+        req = {"pair": "SVA", "modelType": "lstm", "version": served["v1"], "candleTs": ts, "horizon": 5}
+        first = handle.predict.remote(req).result(timeout_s=120)
+        assert first["featuresCached"] is False and not first["prediction"]["fallback"], first
+        assert first["prediction"]["asOf"] == ts + TF
+        seen = {first["replica"]: first}
+        deadline = time.monotonic() + 60
+        other = None
+        while other is None and time.monotonic() < deadline:
+            out = handle.predict.remote(req).result(timeout_s=60)
+            assert out["featuresCached"] is True, out  # never computed twice
+            assert out["prediction"]["probability"] == first["prediction"]["probability"]
+            if out["replica"] != first["replica"] and other is None:
+                other = out
+                assert out["featuresSource"] == "redis", out  # the other replica's window, via Redis
+            seen[out["replica"]] = out
+        assert other is not None, f"requests reached only {list(seen)}"
+    finally:
+        serve.delete("tbml-serve-test-pred2")
+
+
+def _replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def test_predictor_autoscales_up_under_load_and_back_down(served):
+    """Uncached predictions from 24 concurrent clients through the proxy: the predictor grows above
+    one replica (target 1 ongoing request per replica), then shrinks back once the load stops."""
+    import httpx
+    from ray import serve
+
+    assert wait_for(lambda: _replicas(APP, "Predictor") == 1, 60, what="1 predictor replica at rest")
+    stop = False
+    errors: list[str] = []
+    peak = 0
+
+    async def client_loop(ac: httpx.AsyncClient) -> int:
+        n = 0
+        while not stop:
+            r = await ac.get("/api/predictions/SVA", params={"bypassCache": "true"})
+            if r.status_code != 200 or r.json()["prediction"]["fallback"]:
+                errors.append(r.text[:200])
+            n += 1
+        return n
+
+    async def load() -> int:
+        nonlocal stop, peak
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=served["base"], timeout=60, limits=limits) as ac:
+            tasks = [asyncio.create_task(client_loop(ac)) for _ in range(24)]
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                peak = max(peak, await asyncio.to_thread(_replicas, APP, "Predictor"))
+                if peak >= 2:
+                    await asyncio.sleep(1.0)  # a little traffic on two replicas
+                    break
+            stop = True
+            return sum(await asyncio.gather(*tasks))
+
+    total = asyncio.run(load())
+    assert peak >= 2, f"the predictor never scaled up ({total} requests)"
+    assert not errors, errors[:3]
+    stats = [serve.get_deployment_handle("Predictor", APP).stats.remote().result(timeout_s=30) for _ in range(6)]
+    assert max(s["maxBatch"] for s in stats) > 1, stats  # concurrent requests were batched
+    assert wait_for(lambda: _replicas(APP, "Predictor") == 1, 90, interval=0.5,
+                    what="the predictor to scale back to 1 replica")
+
+
+# ============================================================================================ redis outage
+
+
+def test_redis_down_keeps_answering_degraded_then_healthy_again(served):
+    c, redis = served["client"], served["redis"]
+    assert _json(c.get("/api/health"))["status"] == "healthy"
+    redis.stop()
+    try:
+        for _ in range(3):
+            for path in ("/api/predictions/SVA", "/api/predictions/SVB", "/api/features/SVA", "/api/predictions",
+                         "/api/models/SVA/status", "/api/pairs"):
+                r = c.get(path)
+                assert r.status_code == 200, (path, r.text)
+        p = _json(c.get("/api/predictions/SVA"))
+        assert p["prediction"]["fallback"] is False and p["prediction"]["modelVersion"] == served["v1"]
+        h = c.get("/api/health")
+        assert h.status_code == 200 and _json(h)["status"] == "degraded"
+        assert _json(h)["components"]["redis"]["status"] == "degraded"
+    finally:
+        redis.start()
+    wait_for(lambda: _json(c.get("/api/health"))["status"] == "healthy", 30, interval=0.5,
+             what="health to be healthy again")
+    assert c.get("/api/predictions/SVA").status_code == 200
