@@ -152,7 +152,7 @@ def test_cancel_active_job_stops_its_ray_work_and_registers_nothing(make_queue, 
     # the work really stops: the task ends, the trainer's resources (workers, placement group) come
     # back, and no progress arrives any more
     wait_for(lambda: not ray.get(q.info.remote())["stoppingTasks"], 60, what="the task to end")
-    wait_for(lambda: cpus_free() >= free_before - 1e-6, 30, what="the trainer's CPU to be released")
+    wait_for(lambda: cpus_free() >= free_before - 1e-6, 90, what="the trainer's CPU to be released")
     epoch = job(q, job_id)["progress"]["epoch"]
     time.sleep(3)
     after = job(q, job_id)
