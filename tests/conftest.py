@@ -95,7 +95,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     ctx = ray.init(
         num_cpus=2,
         object_store_memory=200 * 1024 * 1024,
-        include_dashboard=False,
+        # As in `make run`: Ray Train reclaims a cancelled run's placement group through the dashboard's
+        # services, so a cluster without it keeps a stopped run's CPU reserved.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
         namespace="tbml-test",
         runtime_env={"env_vars": {"TBML_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled"}},
         log_to_driver=False,
