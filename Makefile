@@ -46,7 +46,7 @@ test-e2e:
 	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q tests/e2e
 
 bench:
-	RAY_AUTH_MODE=disabled $(PY) -m bench.run
+	RAY_AUTH_MODE=disabled $(PY) -m bench.run $(BENCH_ARGS)
 
 run:
 	$(VENV)/bin/tbml up

@@ -32,7 +32,7 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3f}"
 
 
-def render(results: list[BenchResult], errors: dict[str, str], elapsed_s: float) -> str:
+def render(results: list[BenchResult], errors: dict[str, str], elapsed_s: float, note: str = "") -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -41,9 +41,12 @@ def render(results: list[BenchResult], errors: dict[str, str], elapsed_s: float)
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}",
-        f"- run at: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {elapsed_s:.0f} s",
-        "",
+        f"- run at: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {elapsed_s:.0f} s, "
+        f"1-min load average at the end {os.getloadavg()[0]:.2f}",
     ]
+    if note:
+        lines.append(f"- conditions: {note}")
+    lines.append("")
     sections: dict[str, list[BenchResult]] = {}
     for r in results:
         sections.setdefault(r.section, []).append(r)
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     ap.add_argument("--only", default="", help="comma-separated module names, e.g. bench_features")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--note", default="", help="run conditions to record in the report")
     args = ap.parse_args(argv)
     wanted = [m for m in MODULES if not args.only or m in args.only.split(",")]
     results: list[BenchResult] = []
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in got:
             print(json.dumps(r.to_dict()), flush=True)
         results.extend(got)
-    Path(args.out).write_text(render(results, errors, time.time() - t0))
+    Path(args.out).write_text(render(results, errors, time.time() - t0, args.note))
     print(f"wrote {args.out}")
     return 1 if errors else 0
 
