@@ -6,7 +6,6 @@ Run: `python -m bench.bench_cache [--quick] [--json]`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -18,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
-from bench.common import BenchResult, p50, percentile
+from bench.common import BenchResult, bench_main, p50, percentile
 from ml.cache import Cache, CacheKind, cache_key
 
 SECTION = "cache"
@@ -157,22 +156,5 @@ def run(quick: bool = False) -> list[BenchResult]:
         return asyncio.run(_measure(url, repeat))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print results as JSON")
-    args = ap.parse_args()
-    results = run(quick=args.quick)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-        return
-    for r in results:
-        ratio = f"{r.ratio:,.0f}x" if r.ratio is not None else "-"
-        ok = "" if r.ok is None else ("  OK" if r.ok else "  MISSED")
-        anchor = f"{r.anchor_value:.3f}" if r.anchor_value is not None else "-"
-        print(f"{r.name:42s} {r.value:8.2f} {r.unit}  (anchor {r.anchor_name} {anchor} {r.unit}, {ratio})"
-              f"  {r.target}{ok}  {r.note}")
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(bench_main(run, __doc__))

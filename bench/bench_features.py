@@ -10,14 +10,11 @@ Run: python -m bench.bench_features [--quick]
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import numpy as np
 import pandas as pd
 import talib
 
-from bench.common import BenchResult, p50, percentile, time_calls
+from bench.common import BenchResult, bench_main, p50, percentile, time_calls
 from ml.features import FEATURE_NAMES, LOOKBACK_BARS, feature_matrix, latest_window
 
 SECTION = "features"
@@ -106,20 +103,5 @@ def run(quick: bool = False) -> list[BenchResult]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args()
-    results = run(quick=args.quick)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-        return
-    for r in results:
-        status = "" if r.ok is None else ("ok" if r.ok else "MISSED")
-        print(f"{r.name:45s} {r.value:8.3f} {r.unit}  anchor {r.anchor_value:7.3f} ms "
-              f"(x{r.ratio:.1f})  {r.target:9s} {status:6s} {r.note}")
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(bench_main(run, __doc__))

@@ -23,10 +23,8 @@ Run: `python -m bench.bench_http [--quick] [--json]` (or `make bench`).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import tempfile
@@ -34,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import BenchResult, percentile
+from bench.common import BenchResult, bench_main, percentile
 
 SECTION = "http"
 PAIR = "BTC"
@@ -447,20 +445,5 @@ def run(quick: bool = False) -> list[BenchResult]:
     return results
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print results as JSON")
-    args = ap.parse_args()
-    results = run(quick=args.quick)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-        return
-    for r in results:
-        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        ok = "" if r.ok is None else ("  OK" if r.ok else "  MISSED")
-        print(f"{r.name:46s} {r.value:10.2f} {r.unit:9s} ({ratio} {r.anchor_name}) {r.target}{ok}  {r.note}")
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(bench_main(run, __doc__))

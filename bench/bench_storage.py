@@ -12,7 +12,6 @@ Run: `python -m bench.bench_storage [--quick]` (prints JSON lines).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -20,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import BenchResult, p50, percentile, time_calls
+from bench.common import BenchResult, bench_main, p50, percentile, time_calls
 from ml.storage.atomic import atomic_write_json
 from ml.storage.store import Storage
 
@@ -122,14 +121,5 @@ def run(quick: bool = False) -> list[BenchResult]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    for r in run(quick=args.quick):
-        print(json.dumps(r.to_dict()))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bench_main(run, __doc__))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import BenchResult
+from bench.common import BenchResult, bench_main
 
 SECTION = "training"
 OVERHEAD_TARGET_S = 15.0
@@ -138,7 +138,4 @@ def run(quick: bool = False) -> list[BenchResult]:
 
 
 if __name__ == "__main__":
-    import json
-
-    for r in run(quick=bool(os.environ.get("QUICK"))):
-        print(json.dumps(r.to_dict()))
+    raise SystemExit(bench_main(run, __doc__))

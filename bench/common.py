@@ -58,3 +58,24 @@ def percentile(samples: list[float], q: float) -> float:
 
 def p50(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+def bench_main(run: Callable[..., list[BenchResult]], description: str | None = None) -> int:
+    """`python -m bench.bench_X [--quick] [--json]`: run one benchmark module and print its results."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0] if description else None)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+    results = run(quick=args.quick)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    for r in results:
+        ratio = f"x{r.ratio:.3g}" if r.ratio is not None else "-"
+        ok = "" if r.ok is None else ("  OK" if r.ok else "  MISSED")
+        anchor = f"{r.anchor_name} {r.anchor_value:.4g}" if r.anchor_value is not None else "-"
+        print(f"{r.name:48s} {r.value:10.4g} {r.unit:10s} anchor {anchor} ({ratio}) {r.target}{ok}  {r.note}")
+    return 0
