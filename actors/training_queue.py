@@ -59,6 +59,7 @@ STATE_CATEGORY = "queue"
 DEFAULT_STATE_NAME = "state"
 RETRAIN_PRIORITY = 8
 CANCEL_GRACE_S = 15.0  # graceful abort first (Ray Train releases its workers and placement group)
+PG_RELEASE_WAIT_S = 5.0  # after a stopped run's task ended: time Ray Train gets to free its placement group
 RUN_SEP = "#"  # progress reports name "{job_id}#{run_id}", so a stale run's reports are recognised
 QUEUE_KEYS = {"max_concurrent", "cooldown_minutes", "max_attempts", "retry_base_s", "history_limit"}
 ACTOR_KEYS = {"retrain_interval_minutes", "tick_s", "train_overrides", "num_workers", "cpus_per_worker",
@@ -158,6 +159,7 @@ class TrainingQueueActor:
         self._storage = None
         self._refs: dict[str, ray.ObjectRef] = {}  # job id -> task of its current run
         self._stopping: dict[str, ray.ObjectRef] = {}  # cancelled runs whose work is shutting down
+        self._placement_groups: dict[str, str] = {}  # job id -> hex id of its Train run's placement group
         self._runners: set[asyncio.Task] = set()
         self._persisted_revision = -1
         self._persist_lock: asyncio.Lock | None = None
@@ -241,12 +243,16 @@ class TrainingQueueActor:
             error = None
         except Exception as exc:  # RayTaskError, TaskCancelledError, WorkerCrashedError, ...
             out, error = None, _describe_error(exc)
-        finally:
-            if self._refs.get(job_id) is ref:
-                del self._refs[job_id]
+        if self._refs.get(job_id) is ref:
+            del self._refs[job_id]
+        if self._stopping.get(job_id) is ref:
+            # a stopped run keeps its slot until its placement group (its CPUs) is really free
+            await self._release_placement_group(job_id)
             if self._stopping.get(job_id) is ref:
                 del self._stopping[job_id]
-                self._wake.set()  # its slot is free now
+            self._wake.set()  # its slot is free now
+        else:
+            self._placement_groups.pop(job_id, None)
         if self._state.active_run(job_id, run_id) is None:
             return  # cancelled (or a stale run): its result is ignored
         now = now_ms()
@@ -305,6 +311,34 @@ class TrainingQueueActor:
         self._runners.add(killer)
         killer.add_done_callback(self._runners.discard)
         return True
+
+    async def _release_placement_group(self, job_id: str) -> None:
+        """Remove a stopped run's placement group if Ray Train has not done so itself.
+
+        Ray Train's graceful abort removes it, and its detached cleaner does after a crash, but
+        the cleaner polls the state API and can lag by minutes on a busy node; meanwhile the CPUs
+        stay reserved and no other job could use them. The rank-0 worker told us the group's id.
+        """
+        pg_hex = self._placement_groups.pop(job_id, None)
+        if not pg_hex:
+            return
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+        deadline = time.monotonic() + PG_RELEASE_WAIT_S
+        try:
+            while True:
+                state = (await asyncio.to_thread(placement_group_table, pg)).get("state")
+                if state in (None, "REMOVED"):
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.2)
+            log.warning("queue: %s stopped but its placement group %s is still %s; removing it",
+                        job_id, pg_hex, state)
+            await asyncio.to_thread(remove_placement_group, pg)
+        except Exception as exc:  # best effort: Ray Train's own cleaner remains the fallback
+            log.warning("queue: releasing placement group %s of %s failed: %s", pg_hex, job_id, exc)
 
     async def _kill_after_grace(self, job_id: str, ref: ray.ObjectRef) -> None:
         deadline = time.monotonic() + self._cancel_grace_s
@@ -412,6 +446,20 @@ class TrainingQueueActor:
         job = self._state.progress(job_id, progress, now_ms(), run_id=run_id or None)
         return {"cancel": job is None}
 
+    async def report_resources(self, job_id: str, resources: dict[str, Any]) -> bool:
+        """Called by the rank-0 training worker at start: the run's placement group id (hex).
+
+        Lets a cancel release the run's reserved CPUs even when Ray Train's own cleanup lags.
+        """
+        await self._ensure_ready()
+        job_id, _, run_id = job_id.partition(RUN_SEP)
+        if self._state.active_run(job_id, run_id or None) is None and job_id not in self._stopping:
+            return False
+        pg_hex = resources.get("placementGroup")
+        if isinstance(pg_hex, str) and pg_hex:
+            self._placement_groups[job_id] = pg_hex
+        return True
+
     async def begin_finalize(self, job_id: str, run_id: str | None = None) -> bool:
         """Asked by a job's task before it registers its model: True = go ahead (no cancel after)."""
         await self._ensure_ready()
@@ -446,6 +494,7 @@ class TrainingQueueActor:
                 "config": {**self._config.__dict__, "retrainIntervalMinutes": self._retrain_ms / 60_000},
                 "startedAt": self._started_at, "restoredJobs": self._restored_jobs,
                 "runningTasks": sorted(self._refs), "stoppingTasks": sorted(self._stopping),
+                "placementGroups": dict(self._placement_groups),
                 "revision": self._state.revision,
                 "persistedRevision": self._persisted_revision, "pid": _pid()}
 

@@ -82,6 +82,23 @@ def _progress_handle(progress_actor: tuple[str, str] | None):
         return None
 
 
+def _report_placement_group(actor, job_id: str | None) -> None:
+    """Tell the progress actor which placement group holds this run's CPUs (best effort).
+
+    A progress actor without `report_resources` (it is optional) simply does not get it.
+    """
+    import ray
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is None:
+        return
+    try:
+        ray.get(actor.report_resources.remote(job_id, {"placementGroup": pg.id.hex()}), timeout=PROGRESS_TIMEOUT_S)
+    except Exception as exc:
+        log.info("placement group not reported: %s", exc)
+
+
 def _train_loop_per_worker(config: dict) -> dict:
     """The function every Ray Train worker runs (rank 0's return value reaches the driver)."""
     import ray
@@ -109,6 +126,8 @@ def _train_loop_per_worker(config: dict) -> dict:
 
     actor = _progress_handle(config.get("progress_actor")) if rank == 0 else None
     job_id = config.get("job_id")
+    if actor is not None:
+        _report_placement_group(actor, job_id)
     stop = {"flag": False}
     last_state: dict = {}
 

@@ -141,18 +141,24 @@ def test_cancel_active_job_stops_its_ray_work_and_registers_nothing(make_queue, 
 
     q = make_queue()
     free_before = cpus_free()
+    pgs_before = live_placement_groups()
     job_id = submit(q, "QCANCEL", epochs=LONG)["jobId"]
     j = wait_training(q, job_id)
     assert j["status"] == "training" and j["progress"]["totalEpochs"] == LONG
     assert cpus_free() <= free_before - 0.5 + 1e-6  # the Ray Train worker holds its CPU share
-    assert job_id in ray.get(q.info.remote())["runningTasks"]
+    info = ray.get(q.info.remote())
+    assert job_id in info["runningTasks"]
+    # the run told the queue which placement group holds its CPUs, so a cancel can free them
+    assert {info["placementGroups"][job_id]} == live_placement_groups() - pgs_before
 
     out = ray.get(q.cancel.remote(job_id, "user request"))
     assert out["ok"] and out["stopped"] and out["job"]["status"] == "cancelled"
     # the work really stops: the task ends, the trainer's resources (workers, placement group) come
     # back, and no progress arrives any more
     wait_for(lambda: not ray.get(q.info.remote())["stoppingTasks"], 60, what="the task to end")
-    wait_for(lambda: cpus_free() >= free_before - 1e-6, 90, what="the trainer's CPU to be released")
+    # the queue keeps the slot until the run's placement group is gone, so no waiting here
+    assert live_placement_groups() - pgs_before == set()
+    wait_for(lambda: cpus_free() >= free_before - 1e-6, 30, what="the trainer's CPU to be released")
     epoch = job(q, job_id)["progress"]["epoch"]
     time.sleep(3)
     after = job(q, job_id)
