@@ -120,6 +120,29 @@ class StorageSettings(_Section):
     prediction_flush_seconds: float = 2.0
 
 
+class BacktestSettings(_Section):
+    """Defaults of `tbml backtest` (walk-forward evaluation, docs/evaluation.md)."""
+
+    folds: int = Field(4, ge=1, le=50)
+    train_bars: int | None = Field(None, ge=200, description="rows per training block (None: expanding)")
+    test_bars: int | None = Field(None, ge=20, description="rows per test block (None: from the data)")
+    purge: int | None = Field(None, ge=1, description="rows between training and test (None: seq_len + horizon)")
+    epochs: int = Field(15, ge=1, le=500)
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    cost_bps: float = Field(10.0, ge=0.0, description="cost per trade (entry + exit), basis points")
+    bars: int = Field(8000, ge=500, description="synthetic/stored bars used with --pair")
+
+
+class LiveSettings(_Section):
+    """Live accuracy tracking of served predictions (the accuracy monitor actor)."""
+
+    resolve_interval_s: float = Field(10.0, gt=0)
+    window: int = Field(200, ge=1, description="resolved predictions in the rolling window")
+    degraded_min_n: int = Field(100, ge=1, description="resolved predictions needed before judging a model")
+    degraded_margin: float = Field(0.01, ge=0.0, description="live Brier above the base rate's by more: degraded")
+    retrain_priority: int = Field(3, ge=1, le=10)
+
+
 class CacheSettings(_Section):
     predictions_ttl_s: float = 30
     features_ttl_s: float = 300
@@ -151,6 +174,8 @@ class Settings(_Section):
     signals: SignalSettings = SignalSettings()
     queue: QueueSettings = QueueSettings()
     storage: StorageSettings = StorageSettings()
+    backtest: BacktestSettings = BacktestSettings()
+    live: LiveSettings = LiveSettings()
     cache: CacheSettings = CacheSettings()
     redis: RedisSettings = RedisSettings()
     api: ApiSettings = ApiSettings()

@@ -298,7 +298,9 @@ class Dataset:
         }
 
 
-def _windows(Xs: np.ndarray, ends: np.ndarray, seq_len: int, materialize: bool) -> np.ndarray:
+def windows_at(Xs: np.ndarray, ends: np.ndarray, seq_len: int, materialize: bool = False) -> np.ndarray:
+    """(N, seq_len, F) windows ending at rows `ends`: a read-only strided view when the ends are
+    contiguous and materialize is False, else a copy."""
     if not materialize and len(ends) and np.all(np.diff(ends) == 1):
         start = int(ends[0]) - (seq_len - 1)
         return _window_view(Xs, seq_len)[start:start + len(ends)]
@@ -356,7 +358,7 @@ def build_dataset(
     out: dict[str, np.ndarray] = {}
     ranges: dict[str, list[int]] = {}
     for name, ends in split.as_dict().items():
-        out[f"X_{name}"] = _windows(Xs, ends, seq_len, materialize)
+        out[f"X_{name}"] = windows_at(Xs, ends, seq_len, materialize)
         out[f"y_{name}"] = y_all[ends].astype(np.float32)
         out[f"ts_{name}"] = fts[ends]
         ranges[name] = [int(fts[ends[0]]), int(fts[ends[-1]])] if len(ends) else []

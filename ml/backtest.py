@@ -1,0 +1,442 @@
+"""Walk-forward backtest of a direction model against baselines (issue 6, SPEC §9 `tbml backtest`).
+
+The series is cut into K consecutive test blocks at its end. Fold k trains on the rows before its
+test block (all of them, or the newest `train_bars`), leaving `purge` rows out in between, so no
+training label (which looks h bars ahead) overlaps a test row. Inside the training block the
+newest `val_fraction` rows, again behind a purge gap, are the validation rows that early stopping
+and calibration use. Everything that learns — the scaler, the network, its calibration, the
+logistic and LightGBM baselines and theirs, the majority rate, persistence's hit rate — is fitted
+inside the fold on its own training rows only; the test rows are touched once, to be scored.
+
+    rows:   [ ...... fit ...... | purge | val | purge | test k ] [ test k+1 ] ...
+
+Features are computed once on the whole series. That is only equal to computing them per fold if
+every feature is causal, so `run_backtest` first checks exactly that on the data it is given
+(`ml.features.causality`) and refuses to run on a feature set that peeks ahead.
+
+Scores (per fold and pooled over all test rows) for the model and every baseline: n, accuracy with
+its Wilson 95 % interval, balanced accuracy, MCC, Brier, log loss, ECE, and the rate and accuracy
+of the signals that are not HOLD. `equity_curves` turns the signals into the cumulative return of
+acting on them net of a cost per trade. Ray-free; the CLI is `ml.cli.backtest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ml.baselines import (
+    BASELINES,
+    FittedBaseline,
+    fit_lightgbm,
+    fit_logistic,
+    fit_majority,
+    fit_persistence,
+)
+from ml.datasets import StandardScaler, make_labels, windows_at
+from ml.metrics import balanced_accuracy, brier, ece, log_loss, mcc, wilson_interval
+from ml.models import MODEL_TYPES
+
+MODEL = "model"
+NAMES = (MODEL, *BASELINES)
+MIN_FIT_ROWS = 200
+MIN_TEST_ROWS = 20
+
+Progress = Callable[[int, int, str], None]
+
+
+class BacktestConfig(BaseModel):
+    """What a backtest depends on (reported in its JSON under "config")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_type: str = "lstm"
+    horizon: int = Field(5, ge=1, le=500)
+    folds: int = Field(4, ge=1, le=50)
+    train_bars: int | None = Field(None, ge=MIN_FIT_ROWS)
+    test_bars: int | None = Field(None, ge=MIN_TEST_ROWS)
+    purge: int | None = Field(None, ge=1)
+    epochs: int = Field(15, ge=1, le=500)
+    seed: int = Field(7, ge=0)
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    cost_bps: float = Field(10.0, ge=0.0, le=10_000)
+    profile: str = "quick"
+    layers: int = Field(1, ge=1, le=8)
+    hidden: int = Field(32, ge=1, le=1024)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    seq_len: int = Field(30, ge=2, le=1024)
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    patience: int = Field(5, ge=1)
+    strong: float = 0.7
+    weak: float = 0.55
+    threads: int = Field(1, ge=1, le=64)
+    check_causality: bool = True
+    calibration: str = Field("temperature", pattern="^(temperature|temperature_bias)$")
+
+    @field_validator("model_type")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v not in MODEL_TYPES:
+            raise ValueError(f"unknown model type {v!r}; one of {', '.join(MODEL_TYPES)}")
+        return v
+
+    @property
+    def effective_purge(self) -> int:
+        """Default: horizon + seq_len, so no training window shares a row with a test window."""
+        purge = self.purge if self.purge is not None else self.horizon + self.seq_len
+        if purge < self.horizon:
+            raise ValueError(f"purge ({purge}) must be >= the horizon ({self.horizon})")
+        return purge
+
+    @classmethod
+    def from_settings(cls, settings=None, **overrides: Any) -> BacktestConfig:
+        """Defaults from settings.backtest, the model profile and the signal thresholds; None is ignored."""
+        if settings is None:
+            from ml.config import get_settings
+
+            settings = get_settings()
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        b = settings.backtest
+        profile = overrides.pop("profile", None) or settings.model.profile
+        if profile not in settings.model.profiles:
+            raise ValueError(f"unknown profile {profile!r}; one of {', '.join(settings.model.profiles)}")
+        prof = settings.model.profiles[profile]
+        t = settings.training
+        values: dict[str, Any] = {
+            "model_type": settings.model.default_type, "horizon": settings.labels.horizons[0],
+            "folds": b.folds, "train_bars": b.train_bars, "test_bars": b.test_bars, "purge": b.purge,
+            "epochs": b.epochs, "seed": t.seed, "val_fraction": b.val_fraction, "cost_bps": b.cost_bps,
+            "profile": profile, "layers": prof.layers, "hidden": prof.hidden, "dropout": prof.dropout,
+            "seq_len": prof.seq_len, "batch_size": t.batch_size, "learning_rate": t.learning_rate,
+            "patience": t.patience, "strong": settings.signals.strong, "weak": settings.signals.weak,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Row positions (in the feature matrix) of one fold's window ends."""
+
+    index: int
+    fit: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def plan_folds(valid_ends: np.ndarray, cfg: BacktestConfig) -> list[FoldPlan]:
+    """Walk-forward folds over the labelled window ends (ascending row positions).
+
+    Test blocks of `test_bars` rows tile the end of the series; default test_bars = n // (folds + 2),
+    which leaves the first fold at least two blocks of history. ValueError when the data is too
+    short for the requested layout (the message says what would fit).
+    """
+    ends = np.asarray(valid_ends, dtype=np.int64)
+    n, k, purge = len(ends), cfg.folds, cfg.effective_purge
+    test_bars = cfg.test_bars or n // (k + 2)
+    if test_bars < MIN_TEST_ROWS:
+        raise ValueError(f"{n} labelled rows are too few for {k} folds (test blocks of {test_bars} rows; "
+                         f"need >= {MIN_TEST_ROWS})")
+    if k * test_bars >= n:
+        raise ValueError(f"{k} test blocks of {test_bars} rows do not fit into {n} labelled rows")
+    plans = []
+    for i in range(k):
+        lo = n - (k - i) * test_bars
+        test = ends[lo:lo + test_bars]
+        train = ends[ends <= test[0] - purge - 1]
+        if cfg.train_bars:
+            train = train[-cfg.train_bars:]
+        n_val = max(1, int(len(train) * cfg.val_fraction))
+        val = train[-n_val:]
+        fit = train[train <= val[0] - purge - 1] if len(val) else train[:0]
+        if len(fit) < MIN_FIT_ROWS or len(val) < 20:
+            raise ValueError(
+                f"fold {i + 1}: {len(fit)} training and {len(val)} validation rows (need >= {MIN_FIT_ROWS} "
+                f"and 20); use fewer folds, smaller --test-bars or more data")
+        plans.append(FoldPlan(index=i, fit=fit, val=val, test=test))
+    return plans
+
+
+def score(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None, *, strong: float = 0.7,
+          weak: float = 0.55, overlap: int = 1) -> dict[str, Any]:
+    """The metrics block M of one prediction vector: hard calls default to p >= 0.5.
+
+    A signal fires where the probability of the called direction exceeds `weak` (BUY/SELL and
+    STRONG_*; the rest is HOLD); signal_accuracy is the accuracy of the fired ones (None if none).
+    `overlap`: labels of consecutive rows share overlap - 1 bars of their future (overlap = h), so
+    consecutive outcomes are not independent; the Wilson interval then counts n / overlap
+    observations (`n_effective`) — with n it would be about sqrt(h) times too narrow.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    hard = (p >= 0.5).astype(np.float64) if hard is None else np.asarray(hard, dtype=np.float64)
+    n = int(len(y))
+    if n == 0:
+        return {"n": 0, "accuracy": None, "balanced_accuracy": None, "mcc": None, "brier": None,
+                "log_loss": None, "ece": None, "accuracy_ci95": [None, None], "signal_rate": None,
+                "signal_accuracy": None, "signals": 0, "n_effective": 0}
+    correct = hard == y
+    acc = float(np.mean(correct))
+    n_eff = max(1, n // max(1, int(overlap)))
+    lo, hi = wilson_interval(acc * n_eff, n_eff)
+    fires = np.maximum(p, 1.0 - p) > weak
+    return {
+        "n": n, "accuracy": acc, "balanced_accuracy": balanced_accuracy(y, hard), "mcc": mcc(y, hard),
+        "brier": brier(y, p), "log_loss": log_loss(y, p), "ece": ece(y, p), "accuracy_ci95": [lo, hi], "n_effective": n_eff,
+        "signal_rate": float(np.mean(fires)),
+        "signal_accuracy": float(np.mean(correct[fires])) if fires.any() else None,
+        "signals": int(fires.sum()), "mean_p": float(np.mean(p)), "positive_rate": float(np.mean(y)),
+    }
+
+
+@dataclass
+class BacktestResult:
+    """The JSON report plus the pooled test rows (chronological) that the plots need."""
+
+    data: dict[str, Any]
+    config: dict[str, Any]
+    overall: dict[str, dict[str, Any]]
+    folds: list[dict[str, Any]]
+    ts: np.ndarray                    # prediction time of each test row (epoch ms)
+    y: np.ndarray                     # 1.0 = close[t + h] > close[t]
+    fold: np.ndarray                  # fold index of each test row
+    forward_return: np.ndarray        # close[t + h] / close[t] - 1
+    probs: dict[str, np.ndarray]      # name -> P(up) per test row
+    hard: dict[str, np.ndarray]       # name -> the call (1 = up) per test row
+    checks: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"data": self.data, "config": self.config, "overall": self.overall, "folds": self.folds,
+                "checks": self.checks, "strategy": self.strategy_summary(), "elapsedSeconds": self.elapsed_s}
+
+    def positions(self, name: str) -> np.ndarray:
+        """+1 long / -1 short where the signal fires (BUY* / SELL*), 0 on HOLD."""
+        p = self.probs[name]
+        weak = float(self.config["weak"])
+        fires = np.maximum(p, 1.0 - p) > weak
+        side = np.where(self.hard[name] > 0.5, 1.0, -1.0)
+        return np.where(fires, side, 0.0)
+
+    def equity_curves(self, cost_bps: float | None = None) -> dict[str, np.ndarray]:
+        """Cumulative return of acting on each model's signals, net of cost, plus buy & hold.
+
+        Each test bar's signal puts 1/h of the capital into a position held for the next h bars
+        (so h overlapping positions use the capital once); a trade costs `cost_bps` (entry plus
+        exit) of its stake. Curves are sums of simple returns (no compounding).
+        """
+        cost = (self.config["cost_bps"] if cost_bps is None else cost_bps) / 10_000.0
+        h = float(self.config["horizon"])
+        out = {"buy_and_hold": np.cumsum(self.forward_return / h)}
+        for name in self.probs:
+            pos = self.positions(name)
+            out[name] = np.cumsum((pos * self.forward_return - np.abs(pos) * cost) / h)
+        return out
+
+    def strategy_summary(self) -> dict[str, dict[str, float | int]]:
+        curves = self.equity_curves()
+        summary = {}
+        for name, curve in curves.items():
+            trades = int(np.count_nonzero(self.positions(name))) if name in self.probs else len(curve)
+            summary[name] = {"return": float(curve[-1]) if len(curve) else 0.0, "trades": trades}
+        summary["costBps"] = float(self.config["cost_bps"])
+        return summary
+
+
+def _fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _train_network(cfg: BacktestConfig, Xs: np.ndarray, y: np.ndarray, plan: FoldPlan, names: list[str]):
+    """Fit the neural model on the fold's fit rows (early stopping on val), calibrate on val.
+
+    Returns (P(up) on the test rows, calibrator, fingerprint, fit info).
+    """
+    from ml.calibration import fit_calibrator
+    from ml.datasets import Dataset, SplitIndices
+    from ml.train import TrainConfig, deterministic, fit, new_model, predict_logits, state_to_bytes
+
+    tcfg = TrainConfig(pair="BACKTEST", model_type=cfg.model_type, profile=cfg.profile, layers=cfg.layers,
+                       hidden=cfg.hidden, dropout=cfg.dropout, seq_len=cfg.seq_len, epochs=cfg.epochs,
+                       batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, patience=cfg.patience,
+                       seed=cfg.seed, horizons=[cfg.horizon], threads=cfg.threads, calibration=cfg.calibration)
+    L = cfg.seq_len
+    sets = {s: (windows_at(Xs, ends, L), y[ends][:, None].astype(np.float32))
+            for s, ends in (("train", plan.fit), ("val", plan.val), ("test", plan.test))}
+    ds = Dataset(X_train=sets["train"][0], y_train=sets["train"][1], X_val=sets["val"][0], y_val=sets["val"][1],
+                 X_test=sets["test"][0], y_test=sets["test"][1], scaler=StandardScaler(names),
+                 feature_names=names, horizons=[cfg.horizon], seq_len=L, purge=cfg.effective_purge,
+                 split=SplitIndices(train=plan.fit, val=plan.val, test=plan.test, purge=cfg.effective_purge),
+                 ts_train=plan.fit, ts_val=plan.val, ts_test=plan.test)
+    with deterministic(cfg.seed, cfg.threads):
+        model = new_model(tcfg, len(names))
+        result = fit(model, ds, tcfg)
+        z_val = predict_logits(model, ds.X_val)
+        z_test = predict_logits(model, ds.X_test)
+    calibrator = fit_calibrator(z_val, ds.y_val, cfg.calibration)
+    p_test = calibrator.apply(z_test)[:, 0]
+    state = state_to_bytes({k: v.contiguous() for k, v in model.state_dict().items()})
+    info = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss, "stopped": result.stopped}
+    return p_test, calibrator, _fingerprint(state, calibrator.to_dict()), info
+
+
+def run_backtest(
+    candles: pd.DataFrame,
+    cfg: BacktestConfig,
+    *,
+    labels: np.ndarray | None = None,
+    progress: Progress | None = None,
+    source: str | None = None,
+    feature_fn: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+) -> BacktestResult:
+    """Walk-forward evaluation of `cfg.model_type` and the baselines on `candles` (ts-sorted).
+
+    `labels` (one per candle, NaN = unknown) replaces the direction labels: tests use it to show
+    that scrambling what a fold is scored on leaves what it learned untouched. `progress(done,
+    total, what)` is called after every fitted model. `feature_fn` replaces the feature matrix
+    (it must be causal; the check runs on it too).
+    """
+    from ml.features import feature_matrix
+
+    t0 = time.perf_counter()
+    feature_fn = feature_fn or feature_matrix
+    if candles is None or len(candles) == 0:
+        raise ValueError("no candles to backtest")
+    checks: dict[str, Any] = {}
+    if cfg.check_causality:
+        from ml.features.causality import assert_causal
+
+        t_check = time.perf_counter()
+        assert_causal(candles.iloc[-min(len(candles), 3000):].reset_index(drop=True), feature_fn)
+        checks["causality"] = {"passed": True, "seconds": round(time.perf_counter() - t_check, 3)}
+    feats = feature_fn(candles)
+    names = [str(c) for c in feats.columns]
+    fts = np.asarray(feats.index, dtype=np.int64)
+    cts = np.asarray(candles["ts"], dtype=np.int64)
+    close_all = np.asarray(candles["close"], dtype=np.float64)
+    pos = np.searchsorted(cts, fts)  # candle row of every feature row
+    if labels is None:
+        y_all = make_labels(pd.Series(close_all, index=cts), [cfg.horizon]).to_numpy(dtype=np.float64)[:, 0]
+    else:
+        y_all = np.asarray(labels, dtype=np.float64)
+        if y_all.shape != (len(candles),):
+            raise ValueError(f"labels must have one value per candle ({len(candles)}), got {y_all.shape}")
+    h = cfg.horizon
+    y = y_all[pos]
+    fwd = np.full(len(pos), np.nan)
+    ok_fwd = pos + h < len(close_all)
+    fwd[ok_fwd] = close_all[pos[ok_fwd] + h] / close_all[pos[ok_fwd]] - 1.0
+    last_up = np.full(len(pos), np.nan)
+    ok_last = pos - h >= 0
+    last_up[ok_last] = (close_all[pos[ok_last]] > close_all[pos[ok_last] - h]).astype(np.float64)
+
+    valid = np.isfinite(y) & np.isfinite(fwd) & np.isfinite(last_up) & (np.arange(len(y)) >= cfg.seq_len - 1)
+    plans = plan_folds(np.flatnonzero(valid), cfg)
+    X = feats.to_numpy(dtype=np.float64)
+    total = len(plans) * 3
+    done = 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
+    fold_docs: list[dict[str, Any]] = []
+    pooled: dict[str, list[np.ndarray]] = {name: [] for name in NAMES}
+    pooled_hard: dict[str, list[np.ndarray]] = {name: [] for name in NAMES}
+    for plan in plans:
+        first = max(0, int(plan.fit[0]) - cfg.seq_len + 1)
+        scaler = StandardScaler(names).fit(X[first:int(plan.fit[-1]) + 1])
+        Xs = scaler.transform(X.astype(np.float32))
+        train_rows = np.concatenate([plan.fit, plan.val])
+        y_test = y[plan.test]
+
+        p_model, calibrator, fp_model, info = _train_network(cfg, Xs, y, plan, names)
+        step(f"fold {plan.index + 1}/{len(plans)} {cfg.model_type}")
+        fitted: dict[str, FittedBaseline] = {
+            "majority": fit_majority(y[train_rows]),
+            "persistence": fit_persistence(y[train_rows], last_up[train_rows]),
+            "logistic": fit_logistic(Xs[plan.fit], y[plan.fit], Xs[plan.val], y[plan.val], seed=cfg.seed,
+                                     calibration=cfg.calibration),
+        }
+        step(f"fold {plan.index + 1}/{len(plans)} logistic")
+        fitted["lightgbm"] = fit_lightgbm(Xs[plan.fit], y[plan.fit], Xs[plan.val], y[plan.val],
+                                          seed=cfg.seed, threads=cfg.threads, calibration=cfg.calibration)
+        step(f"fold {plan.index + 1}/{len(plans)} lightgbm")
+
+        probs = {MODEL: p_model}
+        hards = {MODEL: (p_model >= 0.5).astype(np.float64)}
+        for name, b in fitted.items():
+            probs[name] = b.predict(Xs[plan.test], last_up[plan.test])
+            hards[name] = b.hard(probs[name], last_up[plan.test])
+        doc: dict[str, Any] = {
+            "index": plan.index,
+            "train": [int(fts[plan.fit[0]]), int(fts[plan.val[-1]])],
+            "validation": [int(fts[plan.val[0]]), int(fts[plan.val[-1]])],
+            "test": [int(fts[plan.test[0]]), int(fts[plan.test[-1]])],
+            "rows": {"fit": int(len(plan.fit)), "validation": int(len(plan.val)), "test": int(len(plan.test))},
+            "purge": cfg.effective_purge,
+            "baseRateTrain": float(np.mean(y[train_rows])),
+            "training": {**info, "calibration": calibrator.to_dict()},
+            "fingerprints": {"scaler": _fingerprint(scaler.to_json()), MODEL: fp_model,
+                             **{name: b.fingerprint() for name, b in fitted.items()}},
+        }
+        for name in NAMES:
+            doc[name] = score(y_test, probs[name], hards[name], strong=cfg.strong, weak=cfg.weak, overlap=h)
+            pooled[name].append(probs[name])
+            pooled_hard[name].append(hards[name])
+        fold_docs.append(doc)
+
+    test_rows = np.concatenate([p.test for p in plans])
+    y_pool = y[test_rows]
+    probs_all = {name: np.concatenate(v) for name, v in pooled.items()}
+    hard_all = {name: np.concatenate(v) for name, v in pooled_hard.items()}
+    overall = {name: score(y_pool, probs_all[name], hard_all[name], strong=cfg.strong, weak=cfg.weak,
+                           overlap=h) for name in NAMES}
+    from ml.features import feature_names_hash
+
+    config = {**cfg.model_dump(), "purge": cfg.effective_purge,
+              "test_bars": int(len(plans[0].test)), "features": len(names),
+              "feature_hash": feature_names_hash(names)}
+    data = {"rows": int(len(candles)), "start": int(cts[0]), "end": int(cts[-1]),
+            "featureRows": int(len(fts)), "labelledRows": int(valid.sum()), "source": source}
+    return BacktestResult(
+        data=data, config=config, overall=overall, folds=fold_docs, ts=fts[test_rows], y=y_pool,
+        fold=np.concatenate([np.full(len(p.test), p.index) for p in plans]),
+        forward_return=fwd[test_rows], probs=probs_all, hard=hard_all, checks=checks,
+        elapsed_s=round(time.perf_counter() - t0, 3),
+    )
+
+
+def edge_summary(result: BacktestResult, name: str = MODEL) -> dict[str, Any]:
+    """Does `name` beat the simple baselines beyond noise? (for the report's verdict line)
+
+    Compares accuracy with the best of majority and persistence, and asks whether the Wilson 95 %
+    interval of the model's accuracy excludes that best baseline's accuracy and 50 %.
+    """
+    m = result.overall[name]
+    best_simple = max(result.overall["majority"]["accuracy"], result.overall["persistence"]["accuracy"])
+    lo, hi = m["accuracy_ci95"]
+    return {
+        "accuracy": m["accuracy"], "bestSimpleBaseline": best_simple,
+        "margin": m["accuracy"] - best_simple,
+        "beatsSimpleBeyondNoise": bool(lo > best_simple),
+        "coversHalf": bool(lo <= 0.5 <= hi),
+        "brierSkill": (1.0 - m["brier"] / result.overall["majority"]["brier"])
+        if result.overall["majority"]["brier"] else math.nan,
+    }

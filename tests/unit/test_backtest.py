@@ -1,0 +1,214 @@
+"""Walk-forward backtest (ml.backtest): fold layout, no leakage, honest verdicts, metrics.
+
+The synthetic series end at a fixed timestamp, so every number here is reproducible. The planted
+and random-walk runs use the embedded generator's defaults apart from the signal knob.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ml.backtest import NAMES, BacktestConfig, BacktestResult, plan_folds, run_backtest, score
+from ml.data.synthetic import ORIGIN_TS, generate_candles
+
+TF = 300_000
+END = ORIGIN_TS + TF * 40_000
+LEARNED = ("model", "logistic", "lightgbm")
+
+
+def candles(bars: int, strength: float, pair: str = "BTC", seed: int = 42):
+    return generate_candles(pair, bars, seed=seed, signal_strength=strength, end_ts=END)
+
+
+def small_cfg(**kw) -> BacktestConfig:
+    base = {"folds": 2, "epochs": 2, "hidden": 8, "seq_len": 10, "check_causality": False}
+    return BacktestConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------- fold plan
+
+
+def test_folds_are_chronological_purged_and_tile_the_end():
+    ends = np.arange(29, 5000)
+    cfg = BacktestConfig(folds=3, horizon=5, purge=12, seq_len=30)
+    plans = plan_folds(ends, cfg)
+    assert len(plans) == 3
+    assert plans[-1].test[-1] == ends[-1]  # the last test block ends with the data
+    for a, b in zip(plans, plans[1:], strict=False):
+        assert b.test[0] == a.test[-1] + 1  # consecutive test blocks, no overlap, no hole
+    for p in plans:
+        assert len(p.test) == len(plans[0].test)
+        assert p.fit[-1] + 12 < p.val[0] and p.val[-1] + 12 < p.test[0]  # purge gaps (>= horizon)
+        assert np.all(np.diff(p.fit) == 1) and np.all(np.diff(p.val) == 1)
+        assert p.fit[0] == ends[0]  # expanding window by default
+
+
+def test_rolling_training_window_and_clear_errors():
+    ends = np.arange(29, 5000)
+    plans = plan_folds(ends, BacktestConfig(folds=2, train_bars=1000))
+    assert all(p.val[-1] - p.fit[0] + 1 == 1000 for p in plans)  # the newest 1,000 rows before the purge
+    with pytest.raises(ValueError, match="too few"):
+        plan_folds(np.arange(29, 120), BacktestConfig(folds=4))
+    with pytest.raises(ValueError, match="fold 1"):
+        plan_folds(ends, BacktestConfig(folds=4, test_bars=1200))
+    with pytest.raises(ValueError, match="purge"):
+        _ = BacktestConfig(horizon=10, purge=5).effective_purge
+
+
+# ------------------------------------------------------------------------------------- leakage
+
+
+@pytest.fixture(scope="module")
+def leak_series():
+    return candles(3000, 0.12, pair="ETH")
+
+
+@pytest.fixture(scope="module")
+def leak_base(leak_series):
+    return run_backtest(leak_series, small_cfg())
+
+
+def test_scrambled_test_labels_leave_every_fold_s_training_untouched(leak_series, leak_base):
+    """Shuffle the labels of the last fold's test rows: all folds learn exactly the same things
+    (scaler, network weights and calibration, every baseline); only the scores of that fold move."""
+    import pandas as pd
+
+    from ml.datasets import make_labels
+
+    cfg = small_cfg()
+    close = pd.Series(leak_series["close"].to_numpy(), index=leak_series["ts"].to_numpy())
+    labels = make_labels(close, [cfg.horizon]).to_numpy()[:, 0]
+    last = leak_base.folds[-1]
+    ts = leak_series["ts"].to_numpy()
+    in_test = (ts >= last["test"][0]) & (ts <= last["test"][1])
+    rng = np.random.default_rng(0)
+    scrambled = labels.copy()
+    scrambled[in_test] = rng.permutation(1.0 - scrambled[in_test])  # flipped and shuffled
+    other = run_backtest(leak_series, cfg, labels=scrambled)
+    for a, b in zip(leak_base.folds, other.folds, strict=True):
+        assert a["fingerprints"] == b["fingerprints"]
+        assert a["train"] == b["train"] and a["test"] == b["test"]
+    assert other.folds[-1]["model"]["accuracy"] != last["model"]["accuracy"]
+    assert other.folds[0]["model"] == leak_base.folds[0]["model"]
+
+
+def test_rewriting_the_future_of_a_fold_does_not_change_what_it_learned(leak_series, leak_base):
+    """Replace every candle from fold 1's test start on by another market's: fold 1 (whose
+    training ends a purge gap before) learns bit-identical models; fold 2 (which trains on the
+    rewritten bars) does not."""
+    cut = leak_base.folds[0]["test"][0]
+    other_market = candles(3000, 0.0, pair="XMR")
+    future = leak_series["ts"].to_numpy() >= cut
+    mixed = leak_series.copy()
+    scale = mixed.loc[~future, "close"].iloc[-1] / other_market.loc[future, "open"].iloc[0]
+    for col in ("open", "high", "low", "close"):
+        mixed.loc[future, col] = other_market.loc[future, col].to_numpy() * scale
+    other = run_backtest(mixed, small_cfg())
+    assert other.folds[0]["fingerprints"] == leak_base.folds[0]["fingerprints"]
+    assert other.folds[1]["fingerprints"]["model"] != leak_base.folds[1]["fingerprints"]["model"]
+
+
+def test_a_feature_that_peeks_ahead_stops_the_backtest(leak_series):
+    from ml.features import feature_matrix
+    from ml.features.causality import LookAheadError
+
+    def peeking(c):
+        f = feature_matrix(c)
+        close = c.set_index("ts")["close"]
+        f["next_return"] = (close.shift(-1) / close - 1.0).reindex(f.index).fillna(0.0)
+        return f
+
+    with pytest.raises(LookAheadError, match="next_return"):
+        run_backtest(leak_series, small_cfg(check_causality=True), feature_fn=peeking)
+    ok = run_backtest(leak_series.iloc[:1500].reset_index(drop=True),
+                      small_cfg(check_causality=True, folds=1, epochs=1))
+    assert ok.checks["causality"]["passed"] is True
+
+
+# ------------------------------------------------------------------------------ honest verdicts
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return run_backtest(candles(8000, 0.12), BacktestConfig(folds=4, epochs=10, check_causality=False))
+
+
+@pytest.fixture(scope="module")
+def random_walk():
+    return run_backtest(candles(8000, 0.0), BacktestConfig(folds=4, epochs=10, check_causality=False))
+
+
+def test_on_a_planted_signal_every_learned_model_beats_majority_and_persistence(planted):
+    o = planted.overall
+    simple = max(o["majority"]["accuracy"], o["persistence"]["accuracy"])
+    for name in LEARNED:
+        m = o[name]
+        assert m["accuracy_ci95"][0] > simple, (name, m["accuracy"], simple)  # beyond noise
+        assert m["mcc"] > max(o["majority"]["mcc"], o["persistence"]["mcc"])
+        assert m["balanced_accuracy"] > 0.5
+
+
+def test_on_a_random_walk_no_model_has_an_edge_beyond_noise(random_walk):
+    o = random_walk.overall
+    for name in NAMES:
+        lo, hi = o[name]["accuracy_ci95"]
+        assert lo <= 0.5 <= hi, (name, o[name]["accuracy"], lo, hi)
+    # the calibrated learners mostly stay near 0.5 instead of pretending
+    assert o["logistic"]["signal_rate"] < 0.5
+
+
+def test_report_shape_and_pooled_rows(planted):
+    doc = planted.to_json()
+    assert set(doc) >= {"data", "config", "overall", "folds"}
+    assert set(doc["data"]) >= {"rows", "start", "end"} and doc["data"]["rows"] == 8000
+    assert set(doc["overall"]) == set(NAMES)
+    keys = {"n", "accuracy", "balanced_accuracy", "mcc", "brier", "log_loss", "ece", "accuracy_ci95",
+            "signal_rate", "signal_accuracy"}
+    for fold in doc["folds"]:
+        assert fold["train"][1] < fold["test"][0]
+        for name in NAMES:
+            assert set(fold[name]) >= keys
+    n = sum(f["model"]["n"] for f in doc["folds"])
+    assert doc["overall"]["model"]["n"] == n == len(planted.y) == len(planted.ts)
+    assert np.all(np.diff(planted.ts) > 0)
+    assert doc["overall"]["majority"]["mcc"] == 0.0 or doc["overall"]["majority"]["signal_rate"] == 0.0
+
+
+# ----------------------------------------------------------------------------------- the numbers
+
+
+def test_score_on_a_hand_checked_example():
+    y = np.array([1, 0, 1, 1, 0, 0, 1, 0], dtype=float)
+    p = np.array([0.9, 0.2, 0.6, 0.4, 0.52, 0.1, 0.8, 0.45])
+    m = score(y, p, overlap=2)
+    # calls: 1 0 1 0 1 0 1 0 -> correct: 1 1 1 0 0 1 1 1 = 6/8
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["n"] == 8 and m["n_effective"] == 4
+    # Brier by hand: .01 .04 .16 .36 .2704 .01 .04 .2025 -> 1.0929 / 8
+    assert m["brier"] == pytest.approx(1.0929 / 8)
+    # TP=3 TN=3 FP=1 FN=1 -> MCC = (9 - 1) / sqrt(4*4*4*4) = 0.5
+    assert m["mcc"] == pytest.approx(0.5)
+    # signals: |p - .5| * 2 > .1 i.e. max(p, 1-p) > .55 -> all but .52 and .45 -> 6 of 8, 5 correct
+    assert m["signal_rate"] == pytest.approx(6 / 8)
+    assert m["signal_accuracy"] == pytest.approx(5 / 6)
+    # the Wilson interval counts n / overlap observations: wider than with all 8
+    assert m["accuracy_ci95"][0] < score(y, p)["accuracy_ci95"][0]
+    # a forced call (persistence) overrides the probability's direction
+    forced = score(y, np.full(8, 0.5), hard=y)
+    assert forced["accuracy"] == 1.0 and forced["signal_rate"] == 0.0 and forced["signal_accuracy"] is None
+
+
+def test_equity_curves_follow_the_signals_net_of_cost():
+    y = np.array([1.0, 0.0, 1.0, 0.0])
+    fwd = np.array([0.02, -0.01, 0.03, -0.02])
+    p = np.array([0.8, 0.3, 0.5, 0.6])  # BUY, SELL, HOLD, BUY (wrong)
+    r = BacktestResult(data={}, config={"horizon": 2, "cost_bps": 10.0, "weak": 0.55}, overall={}, folds=[],
+                       ts=np.arange(4), y=y, fold=np.zeros(4), forward_return=fwd,
+                       probs={"model": p}, hard={"model": (p >= 0.5).astype(float)})
+    curves = r.equity_curves()
+    cost = 0.001
+    steps = np.array([0.02 - cost, 0.01 - cost, 0.0, -0.02 - cost]) / 2
+    assert np.allclose(curves["model"], np.cumsum(steps))
+    assert np.allclose(curves["buy_and_hold"], np.cumsum(fwd / 2))
+    assert r.strategy_summary()["model"]["trades"] == 3
