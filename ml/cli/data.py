@@ -1,26 +1,36 @@
 """`tbml data synth|import`: put candles in the candle store.
 
-    tbml data synth --pairs BTC,ETH --bars N [--seed S] [--strength X] [--timeframe 5m] [--data-dir D]
+    tbml data synth --pairs BTC,ETH --bars N [--seed S] [--strength X] [--drift D] [--timeframe 5m]
+                    [--data-dir D | --out FILE]
         Generates N synthetic bars per pair ending at the last closed bar, replaces the pair's
-        stored candles, prints one JSON object per pair (one per line).
+        stored candles, prints one JSON object per pair (one per line). With --out FILE the bars of
+        the one pair given go to a CSV (ts,open,high,low,close,volume; importable by `data import`)
+        written atomically, instead of the store.
     tbml data import --pair P --file F [--format auto|ohlcv|binance] [--timeframe 5m] [--data-dir D]
         Reads and validates the file, merges the valid bars into the store (existing bars are kept,
         bars with new timestamps are added) and prints one JSON summary.
 
 Bad input (invalid pair, missing/empty/garbage file, a file whose bars do not match the timeframe,
-a file without a single valid row) exits 2 with one line on stderr.
+a file without a single valid row, several pairs with --out, an --out path that cannot be written,
+|--drift| > 10) exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ml.cli import UsageError
 from ml.config import TIMEFRAME_MS
 from ml.data.candles import InvalidPairError, validate_pair
 from ml.data.files import FORMATS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def register(subparsers) -> None:
@@ -33,8 +43,12 @@ def register(subparsers) -> None:
     synth.add_argument("--seed", type=int, default=None, help="random seed (default: data.synthetic.seed)")
     synth.add_argument("--strength", type=float, default=None,
                        help="planted signal strength 0..1, 0 = random walk (default: data.synthetic.signal_strength)")
+    synth.add_argument("--drift", type=float, default=0.0,
+                       help="annualised log drift added to every bar's mean return, e.g. 0.5 (default: 0)")
     synth.add_argument("--timeframe", choices=list(TIMEFRAME_MS), default=None, help="bar size (default: settings)")
     synth.add_argument("--data-dir", default=None, help="data directory (default: TBML_DATA_DIR / settings)")
+    synth.add_argument("--out", default=None, metavar="FILE",
+                       help="write the candles of one pair to this CSV instead of the store")
     synth.set_defaults(handler=cmd_synth)
 
     imp = sub.add_parser("import", help="import a CSV/Parquet candle file into the store")
@@ -64,9 +78,36 @@ def _print(doc: dict) -> None:
     print(json.dumps(doc), flush=True)
 
 
+def _out_path(value: str) -> Path:
+    """The --out target, checked before any work: a file name in an existing, writable directory."""
+    if not value.strip():
+        raise UsageError("--out needs a file name, e.g. --out btc.csv")
+    out = Path(value).expanduser()
+    if out.is_dir():
+        raise UsageError(f"--out {value}: is a directory, not a file")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {value}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {value}: directory {parent} is not writable")
+    return out
+
+
+def write_candles_csv(path: Path, candles: pd.DataFrame) -> str:
+    """Write a candle frame as `ts,open,high,low,close,volume` CSV atomically; return its sha256.
+
+    Floats are written with repr precision, so the file reads back to the exact same values.
+    """
+    from ml.data.candles import CANDLE_COLUMNS
+    from ml.storage.atomic import atomic_write_bytes
+
+    text = candles[CANDLE_COLUMNS].to_csv(index=False, lineterminator="\n")
+    return atomic_write_bytes(path, text.encode("ascii"))
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from ml.config import get_settings
-    from ml.data.synthetic import generate_candles, last_closed_bar_ts
+    from ml.data.synthetic import MAX_ABS_DRIFT, generate_candles, last_closed_bar_ts
 
     settings = get_settings()
     pairs = [p for p in (s.strip() for s in args.pairs.split(",")) if p]
@@ -83,26 +124,48 @@ def cmd_synth(args: argparse.Namespace) -> int:
     strength = syn.signal_strength if args.strength is None else args.strength
     if not 0.0 <= strength <= 1.0:
         raise UsageError(f"--strength must be between 0 and 1, got {strength:g}")
-    store = _store(args, settings)
-    end = last_closed_bar_ts(store.timeframe_ms)
+    drift = args.drift
+    if not (math.isfinite(drift) and abs(drift) <= MAX_ABS_DRIFT):
+        raise UsageError(f"--drift must be an annual log drift between -{MAX_ABS_DRIFT:g} and "
+                         f"{MAX_ABS_DRIFT:g}, got {drift:g}")
+    out = None
+    if args.out is not None:
+        if len(pairs) != 1:
+            raise UsageError(f"--out writes one pair's candles; got {len(pairs)} pairs ({','.join(pairs)})")
+        out = _out_path(args.out)
+        timeframe = args.timeframe or settings.timeframe
+        store = None
+    else:
+        store = _store(args, settings)
+        timeframe = store.timeframe
+    timeframe_ms = TIMEFRAME_MS[timeframe]
+    end = last_closed_bar_ts(timeframe_ms)
     for pair in pairs:
         try:
             candles = generate_candles(pair, bars, seed=seed, signal_strength=strength,
                                        lookback=syn.signal_lookback, end_ts=end,
-                                       timeframe_ms=store.timeframe_ms)
+                                       timeframe_ms=timeframe_ms, drift=drift)
         except ValueError as exc:  # e.g. more bars than the synthetic history holds
             raise UsageError(str(exc)) from None
-        stored = store.write(pair, candles)
+        if out is not None:
+            try:
+                write_candles_csv(out, candles)
+            except OSError as exc:  # e.g. read-only file system, disk full
+                raise UsageError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
+            written, where = len(candles), out
+        else:
+            written, where = store.write(pair, candles), store.path(pair)
         _print({
             "pair": pair,
             "source": "synthetic",
-            "bars": stored,
-            "timeframe": store.timeframe,
+            "bars": written,
+            "timeframe": timeframe,
             "seed": seed,
             "signalStrength": strength,
+            "drift": drift,
             "start": int(candles["ts"].iloc[0]),
             "end": int(candles["ts"].iloc[-1]),
-            "path": str(store.path(pair)),
+            "path": str(where),
         })
     return 0
 

@@ -20,6 +20,12 @@ The process (per pair, per seed; every number below is a constant of this module
   i.e. mean reversion on the trailing `lookback`-bar return that is known at the bar's open. With
   strength 0 the log price is a martingale (a pure random walk with the volatility clustering).
   `planted_rule()` is the rule that exploits it; docs/data.md reports its measured accuracy.
+* The trend (the knob is `drift`, default 0): an annualised log drift added to every bar's mean log
+  return, drift * timeframe_ms / YEAR_MS per bar (365-day year), so ln(close) gains about `drift`
+  per year (0.5 = +50 % log a year; |drift| <= MAX_ABS_DRIFT). It lets tests ask for a market no
+  fixture was tuned on. Drift 0 adds nothing, so the default series is bit-identical to the one
+  without the knob. With a planted signal the mean reversion partly leans against the trend (a
+  rising trailing return is more often positive), so the realised trend is somewhat smaller.
 * Candles: open = previous close; high/low are drawn exactly from the extremes of a Brownian bridge
   from open to close with the bar's volatility, so high >= max(open, close) and low <= min(open,
   close) > 0 always hold. Volume (in base units) follows the pair's typical quote turnover, the
@@ -48,6 +54,8 @@ from ml.data.candles import CANDLE_COLUMNS, empty_candles, validate_pair
 ORIGIN_TS = 1_735_689_600_000  # 2025-01-01T00:00:00Z, epoch ms
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
+YEAR_MS = 365 * DAY_MS  # the year of the annualised drift
+MAX_ABS_DRIFT = 10.0  # |annual log drift| accepted: e^10 a year is already far beyond any market
 CHUNK_BARS = 8192
 MAX_BARS_FROM_ORIGIN = 4_000_000  # a guard against simulating to the year 3000 by mistake
 
@@ -102,15 +110,17 @@ def _season(ts: np.ndarray) -> np.ndarray:
 
 
 class _Path:
-    """The simulated path of one (pair, seed, strength, lookback, timeframe), grown chunk by chunk.
+    """The simulated path of one (pair, seed, strength, lookback, timeframe, drift), grown chunk by chunk.
 
     Each chunk is simulated from the state the previous one left, so the values never depend on how
     far the path had been grown before: extending it for a streaming call only simulates new chunks.
     """
 
-    def __init__(self, pair: str, seed: int, strength: float, lookback: int, timeframe_ms: int):
+    def __init__(self, pair: str, seed: int, strength: float, lookback: int, timeframe_ms: int,
+                 drift: float = 0.0):
         self.pair, self.seed, self.strength, self.lookback = pair, seed, strength, lookback
         self.tf = timeframe_ms
+        self.drift_bar = drift * timeframe_ms / YEAR_MS  # mean log return added to every bar
         price, daily_vol, turnover = pair_params(pair)
         self.base_sigma = daily_vol * math.sqrt(timeframe_ms / DAY_MS)
         self.bar_turnover = turnover * timeframe_ms / DAY_MS
@@ -153,6 +163,7 @@ class _Path:
         sig_out = [0.0] * n
         vol_flag = [False] * n
         k_sig, p_enter, p_exit, volatile = self.strength, self.p_enter, self.p_exit, self.volatile
+        mu = self.drift_bar  # adding 0.0 is exact, so drift 0 keeps the drift-free path bit for bit
         for i, (b, e, u) in enumerate(zip(base.tolist(), eps.tolist(), u_regime.tolist(), strict=True)):
             if volatile:
                 if u < p_exit:
@@ -163,7 +174,7 @@ class _Path:
             prev = logs[i + lb]
             d = prev - logs[i]  # log(close_{t-1} / close_{t-1-lookback})
             s = (d > 0.0) - (d < 0.0)
-            logs[i + lb + 1] = prev + sig * (e - k_sig * s)
+            logs[i + lb + 1] = prev + sig * (e - k_sig * s) + mu
             sig_out[i] = sig
             vol_flag[i] = volatile
         self.volatile = volatile
@@ -197,8 +208,9 @@ class _Path:
 
 
 @lru_cache(maxsize=16)
-def _path(pair: str, seed: int, strength: float, lookback: int, timeframe_ms: int) -> _Path:
-    return _Path(pair, seed, strength, lookback, timeframe_ms)
+def _path(pair: str, seed: int, strength: float, lookback: int, timeframe_ms: int,
+          drift: float = 0.0) -> _Path:
+    return _Path(pair, seed, strength, lookback, timeframe_ms, drift)
 
 
 def generate_candles(
@@ -210,6 +222,7 @@ def generate_candles(
     lookback: int = 10,
     end_ts: int | None = None,
     timeframe_ms: int = 300_000,
+    drift: float = 0.0,
 ) -> pd.DataFrame:
     """The `n_bars` synthetic candles whose last bar opens at `end_ts`.
 
@@ -217,7 +230,8 @@ def generate_candles(
     the timeframe after ORIGIN_TS; every timeframe that divides a day qualifies for any floor(t/tf)*tf),
     and the first bar may not open before ORIGIN_TS. The result is a candle frame (see
     ml.data.candles) whose values depend only on (pair, seed, signal_strength, lookback, timeframe,
-    bar timestamp).
+    drift, bar timestamp). `drift` is the annualised log drift added to every bar's mean log return
+    (see the module docstring); 0 gives exactly the drift-free series.
     """
     validate_pair(pair)
     if timeframe_ms <= 0:
@@ -230,6 +244,9 @@ def generate_candles(
         raise ValueError(f"lookback must be >= 1, got {lookback}")
     if not 0.0 <= signal_strength <= 1.0:
         raise ValueError(f"signal_strength must be in [0, 1], got {signal_strength}")
+    if not (math.isfinite(drift) and abs(drift) <= MAX_ABS_DRIFT):
+        raise ValueError(f"drift must be a finite annual log drift in [-{MAX_ABS_DRIFT:g}, {MAX_ABS_DRIFT:g}], "
+                         f"got {drift}")
     end = last_closed_bar_ts(timeframe_ms) if end_ts is None else int(end_ts)
     if (end - ORIGIN_TS) % timeframe_ms:
         raise ValueError(f"end_ts {end} is not on the {timeframe_ms} ms bar grid")
@@ -244,7 +261,7 @@ def generate_candles(
         )
     if last >= MAX_BARS_FROM_ORIGIN:
         raise ValueError(f"end_ts {end} is too far after the origin ({last} bars; max {MAX_BARS_FROM_ORIGIN})")
-    path = _path(pair, int(seed), float(signal_strength), int(lookback), int(timeframe_ms))
+    path = _path(pair, int(seed), float(signal_strength), int(lookback), int(timeframe_ms), float(drift))
     values = path.rows(first, last + 1)
     ts = ORIGIN_TS + np.arange(first, last + 1, dtype=np.int64) * timeframe_ms
     frame = pd.DataFrame(values.copy(), columns=CANDLE_COLUMNS[1:])

@@ -1,6 +1,8 @@
-"""Features (SPEC §4): the causal per-timestep feature matrix and its fast serving window."""
+"""Features (SPEC §4): the causal per-timestep feature matrix, its fast serving window, and the
+look-ahead check that any feature function can be run through."""
 
 from ml.features.catalog import CATALOG, FeatureSpec
+from ml.features.causality import LeakReport, LookAheadError, assert_causal, find_lookahead
 from ml.features.matrix import (
     FEATURE_NAMES,
     LOOKBACK_BARS,
@@ -20,7 +22,11 @@ __all__ = [
     "N_FEATURES",
     "WARMUP_BARS",
     "FeatureSpec",
+    "LeakReport",
+    "LookAheadError",
+    "assert_causal",
     "feature_matrix",
     "feature_names_hash",
+    "find_lookahead",
     "latest_window",
 ]

@@ -139,6 +139,12 @@ def test_import_generic_csv_in_process(tmp_path, capsys):
     (["data", "synth", "--pairs", "BTC", "--bars", "ten"], "invalid int value"),
     (["data", "synth", "--pairs", "BTC", "--bars", "10", "--strength", "2"], "--strength"),
     (["data", "synth", "--pairs", "BTC", "--bars", "999999999"], "synthetic history starts"),
+    (["data", "synth", "--pairs", "BTC", "--bars", "10", "--drift", "10.5"], "--drift must be"),
+    (["data", "synth", "--pairs", "BTC", "--bars", "10", "--drift", "-11"], "--drift must be"),
+    (["data", "synth", "--pairs", "BTC", "--bars", "10", "--drift", "nan"], "--drift must be"),
+    (["data", "synth", "--pairs", "BTC", "--bars", "10", "--drift", "up"], "invalid float value"),
+    (["data", "synth", "--pairs", "BTC,ETH", "--bars", "10", "--out", "x.csv"], "--out writes one pair"),
+    (["data", "synth", "--pairs", "BTC", "--bars", "10", "--out", " "], "--out needs a file name"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     data_dir = tmp_path / "data"
@@ -158,3 +164,75 @@ def test_file_without_valid_rows_exits_2_after_summary(tmp_path, capsys):
     assert json.loads(out)["rejected"] == {"high_below_low": 1, "nan": 1}
     assert err.strip() == f"tbml: error: {path}: no valid candles (2 row(s) rejected)"
     assert not (tmp_path / "data" / "candles").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# synth --drift / --out
+# ------------------------------------------------------------------------------------------------
+
+def test_synth_out_csv_round_trips_through_import(tmp_path, capsys):
+    from ml.data.files import import_file
+    from ml.data.synthetic import generate_candles
+
+    out = tmp_path / "doge-drift.csv"
+    code, stdout, err = run_main(capsys, "data", "synth", "--pairs", "DOGE", "--bars", "3000", "--seed", "977",
+                                 "--drift", "-0.8", "--strength", "0.05", "--out", str(out))
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["pair"] == "DOGE" and doc["bars"] == 3000 and doc["drift"] == -0.8 and doc["seed"] == 977
+    assert doc["path"] == str(out) and doc["end"] - doc["start"] == 2999 * TF
+    assert out.read_text().splitlines()[0] == "ts,open,high,low,close,volume"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp file left behind
+
+    result = import_file(out, timeframe_ms=TF)
+    assert result.rejected_total == 0 and result.gaps == []
+    want = generate_candles("DOGE", 3000, seed=977, signal_strength=0.05, drift=-0.8, end_ts=doc["end"])
+    pd.testing.assert_frame_equal(result.candles.reset_index(drop=True), want, check_exact=True)
+
+    # and through the command a user would run next
+    code, stdout, err = run_main(capsys, "data", "import", "--pair", "DOGE", "--file", str(out),
+                                 "--data-dir", str(tmp_path / "data"))
+    assert code == 0, err
+    imported = json.loads(stdout)
+    assert imported["format"] == "ohlcv" and imported["imported"] == imported["stored"] == 3000
+    assert imported["rejectedTotal"] == 0
+    pd.testing.assert_frame_equal(CandleStore(tmp_path / "data").read("DOGE"), want)
+
+
+def test_synth_drift_goes_to_the_store(tmp_path, capsys):
+    from ml.data.synthetic import generate_candles
+
+    code, stdout, err = run_main(capsys, "data", "synth", "--pairs", "XMR", "--bars", "400", "--seed", "8",
+                                 "--drift", "2.5", "--data-dir", str(tmp_path / "data"))
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["drift"] == 2.5
+    want = generate_candles("XMR", 400, seed=8, drift=2.5, end_ts=doc["end"])
+    pd.testing.assert_frame_equal(CandleStore(tmp_path / "data").read("XMR"), want)
+    assert not want["close"].equals(generate_candles("XMR", 400, seed=8, end_ts=doc["end"])["close"])
+
+
+@pytest.mark.parametrize("where, message", [
+    ("missing/x.csv", "does not exist"),
+    ("a_file/x.csv", "does not exist"),
+    ("", "is a directory"),
+])
+def test_synth_out_bad_path_exits_2(tmp_path, capsys, where, message):
+    (tmp_path / "a_file").write_text("not a directory\n")
+    target = str(tmp_path / where) if where else str(tmp_path)
+    code, out, err = run_main(capsys, "data", "synth", "--pairs", "BTC", "--bars", "10", "--out", target)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_synth_out_unwritable_directory_exits_2(capsys):
+    # /proc takes no new files, not even from root (whom a chmod-ed directory would not stop)
+    code, out, err = run_main(capsys, "data", "synth", "--pairs", "BTC", "--bars", "10",
+                              "--out", "/proc/tbml-synth.csv")
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "/proc/tbml-synth.csv" in lines[0], err
+    assert not Path("/proc/tbml-synth.csv").exists()

@@ -8,7 +8,9 @@ import pytest
 
 from ml.data.candles import CANDLE_COLUMNS, validate_candles
 from ml.data.synthetic import (
+    MAX_ABS_DRIFT,
     ORIGIN_TS,
+    YEAR_MS,
     generate_candles,
     last_closed_bar_ts,
     planted_rule,
@@ -135,6 +137,10 @@ def test_rule_accuracy_restricted_to_timestamps():
         {"seed": -1},
         {"signal_strength": 1.5},
         {"lookback": 0},
+        {"drift": MAX_ABS_DRIFT + 0.5},
+        {"drift": -MAX_ABS_DRIFT - 0.5},
+        {"drift": float("nan")},
+        {"drift": float("inf")},
     ],
 )
 def test_bad_arguments(kwargs):
@@ -145,3 +151,67 @@ def test_bad_arguments(kwargs):
 def test_bad_pair():
     with pytest.raises(ValueError):
         generate_candles("btc/usdt", 10, end_ts=END)
+
+
+# ------------------------------------------------------------------------------------------------
+# drift (the trend knob)
+# ------------------------------------------------------------------------------------------------
+
+# BTC, seed 42, strength 0.12, 5m, 20,000 bars ending at END, as generated before the drift knob
+# existed: (row, open, high, low, close, volume). Drift 0 must keep reproducing them.
+PINNED_BTC = [
+    (0, 64464.216501853116, 64486.3663041996, 64344.042384192544, 64374.92092132139, 110.1557663389621),
+    (8191, 69915.20075408983, 69976.98154324852, 69892.73557455165, 69972.17215247032, 56.14412699414721),
+    (8192, 69972.17215247032, 70000.66622988226, 69906.00396165278, 69976.62285139924, 19.63796791379601),
+    (19999, 58700.40013915293, 58704.32375068769, 58656.86743303116, 58671.159792256265, 85.21567213554297),
+]
+
+
+def test_drift_zero_is_the_drift_free_series():
+    default = generate_candles("BTC", 20_000, end_ts=END)
+    pd.testing.assert_frame_equal(generate_candles("BTC", 20_000, end_ts=END, drift=0.0), default)
+    pd.testing.assert_frame_equal(generate_candles("BTC", 20_000, end_ts=END, drift=-0.0), default)
+    for row, *values in PINNED_BTC:
+        got = default.iloc[row, 1:].to_numpy(dtype=np.float64)
+        np.testing.assert_allclose(got, values, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("drift", [0.8, -3.0])
+def test_drift_shifts_every_log_close_by_the_per_bar_drift(drift):
+    # Without the planted signal the noise does not depend on the price path, so the drifted series
+    # is the drift-free one plus drift * tf / year per bar, exactly up to float rounding.
+    n = 25_000
+    flat = generate_candles("ETH", n, end_ts=END, signal_strength=0.0, seed=5)
+    trend = generate_candles("ETH", n, end_ts=END, signal_strength=0.0, seed=5, drift=drift)
+    first_bar = (END - ORIGIN_TS) // TF - n + 1  # bars simulated before the window
+    per_bar = drift * TF / YEAR_MS
+    offset = per_bar * (first_bar + 1 + np.arange(n))
+    got = np.log(trend["close"].to_numpy()) - np.log(flat["close"].to_numpy())
+    np.testing.assert_allclose(got, offset, rtol=0, atol=1e-9)
+    assert validate_candles(trend, TF).rejected_total == 0
+
+
+def test_drift_raises_the_mean_log_return_with_the_signal_on():
+    # With the default planted signal the mean reversion leans against the trend: the realised mean
+    # log return moves by roughly three quarters of the drift (docs/data.md), never against it.
+    n = 100_000
+    end = ORIGIN_TS + (n - 1) * TF
+    per_bar = 2.0 * TF / YEAR_MS
+    base = np.diff(np.log(generate_candles("BTC", n, end_ts=end)["close"].to_numpy())).mean()
+    up = np.diff(np.log(generate_candles("BTC", n, end_ts=end, drift=2.0)["close"].to_numpy())).mean()
+    down = np.diff(np.log(generate_candles("BTC", n, end_ts=end, drift=-2.0)["close"].to_numpy())).mean()
+    assert 0.6 * per_bar < up - base < 0.9 * per_bar
+    assert 0.6 * per_bar < base - down < 0.9 * per_bar
+
+
+def test_drift_keeps_bars_independent_of_the_window_and_deterministic():
+    short = generate_candles("XMR", 500, end_ts=END, drift=1.5)
+    longer = generate_candles("XMR", 9_000, end_ts=END + 37 * TF, drift=1.5)
+    merged = short.merge(longer, on="ts", suffixes=("_s", "_l"))
+    assert len(merged) == 500
+    for col in CANDLE_COLUMNS[1:]:
+        assert (merged[f"{col}_s"] == merged[f"{col}_l"]).all(), col
+    from ml.data import synthetic
+
+    synthetic._path.cache_clear()
+    pd.testing.assert_frame_equal(generate_candles("XMR", 500, end_ts=END, drift=1.5), short)
