@@ -68,7 +68,7 @@ class TrainConfig(BaseModel):
     test_fraction: float = 0.15
     purge: int | None = Field(None, ge=1, description="rows left out between splits (default: max horizon)")
     max_train_samples: int | None = Field(None, ge=1, description="keep only the newest N training windows")
-    calibration: Literal["temperature", "temperature_bias"] = "temperature_bias"
+    calibration: Literal["temperature", "temperature_bias"] = "temperature"
     threads: int = Field(0, ge=0, description="torch threads (0: 1 in-process, one per reserved CPU under Ray)")
 
     @field_validator("horizons")
