@@ -54,6 +54,10 @@ MIN_TEST_ROWS = 20
 Progress = Callable[[int, int, str], None]
 
 
+class BacktestInputError(ValueError):
+    """The data cannot carry the requested backtest (too short for the folds, no candles, bad labels)."""
+
+
 class BacktestConfig(BaseModel):
     """What a backtest depends on (reported in its JSON under "config")."""
 
@@ -145,10 +149,10 @@ def plan_folds(valid_ends: np.ndarray, cfg: BacktestConfig) -> list[FoldPlan]:
     n, k, purge = len(ends), cfg.folds, cfg.effective_purge
     test_bars = cfg.test_bars or n // (k + 2)
     if test_bars < MIN_TEST_ROWS:
-        raise ValueError(f"{n} labelled rows are too few for {k} folds (test blocks of {test_bars} rows; "
+        raise BacktestInputError(f"{n} labelled rows are too few for {k} folds (test blocks of {test_bars} rows; "
                          f"need >= {MIN_TEST_ROWS})")
     if k * test_bars >= n:
-        raise ValueError(f"{k} test blocks of {test_bars} rows do not fit into {n} labelled rows")
+        raise BacktestInputError(f"{k} test blocks of {test_bars} rows do not fit into {n} labelled rows")
     plans = []
     for i in range(k):
         lo = n - (k - i) * test_bars
@@ -160,15 +164,15 @@ def plan_folds(valid_ends: np.ndarray, cfg: BacktestConfig) -> list[FoldPlan]:
         val = train[-n_val:]
         fit = train[train <= val[0] - purge - 1] if len(val) else train[:0]
         if len(fit) < MIN_FIT_ROWS or len(val) < 20:
-            raise ValueError(
+            raise BacktestInputError(
                 f"fold {i + 1}: {len(fit)} training and {len(val)} validation rows (need >= {MIN_FIT_ROWS} "
                 f"and 20); use fewer folds, smaller --test-bars or more data")
         plans.append(FoldPlan(index=i, fit=fit, val=val, test=test))
     return plans
 
 
-def score(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None, *, strong: float = 0.7,
-          weak: float = 0.55, overlap: int = 1) -> dict[str, Any]:
+def score(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None, *, weak: float = 0.55,
+          overlap: int = 1) -> dict[str, Any]:
     """The metrics block M of one prediction vector: hard calls default to p >= 0.5.
 
     A signal fires where the probability of the called direction exceeds `weak` (BUY/SELL and
@@ -315,7 +319,7 @@ def run_backtest(
     t0 = time.perf_counter()
     feature_fn = feature_fn or feature_matrix
     if candles is None or len(candles) == 0:
-        raise ValueError("no candles to backtest")
+        raise BacktestInputError("no candles to backtest")
     checks: dict[str, Any] = {}
     if cfg.check_causality:
         from ml.features.causality import assert_causal
@@ -334,7 +338,7 @@ def run_backtest(
     else:
         y_all = np.asarray(labels, dtype=np.float64)
         if y_all.shape != (len(candles),):
-            raise ValueError(f"labels must have one value per candle ({len(candles)}), got {y_all.shape}")
+            raise BacktestInputError(f"labels must have one value per candle ({len(candles)}), got {y_all.shape}")
     h = cfg.horizon
     y = y_all[pos]
     fwd = np.full(len(pos), np.nan)
@@ -397,7 +401,7 @@ def run_backtest(
                              **{name: b.fingerprint() for name, b in fitted.items()}},
         }
         for name in NAMES:
-            doc[name] = score(y_test, probs[name], hards[name], strong=cfg.strong, weak=cfg.weak, overlap=h)
+            doc[name] = score(y_test, probs[name], hards[name], weak=cfg.weak, overlap=h)
             pooled[name].append(probs[name])
             pooled_hard[name].append(hards[name])
         fold_docs.append(doc)
@@ -406,7 +410,7 @@ def run_backtest(
     y_pool = y[test_rows]
     probs_all = {name: np.concatenate(v) for name, v in pooled.items()}
     hard_all = {name: np.concatenate(v) for name, v in pooled_hard.items()}
-    overall = {name: score(y_pool, probs_all[name], hard_all[name], strong=cfg.strong, weak=cfg.weak,
+    overall = {name: score(y_pool, probs_all[name], hard_all[name], weak=cfg.weak,
                            overlap=h) for name in NAMES}
     from ml.features import feature_names_hash
 
