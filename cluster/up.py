@@ -8,8 +8,9 @@
 2. A Ray head: `ray start --head` on its own GCS port (default 6390), dashboard on 127.0.0.1:8265,
    with its own `--temp-dir` (/tmp/tbml-ray-<port>). The TBML_* settings (data dir made absolute,
    the Redis URL) are in the head's environment, which every Ray worker on this node inherits.
-3. The detached actors in the service's namespace: Storage, TrainingQueue, and the market feed
-   (`cluster.feed.MarketFeed`), whose first tick makes the embedded synthetic history current.
+3. The detached actors in the service's namespace: Storage, TrainingQueue, the accuracy monitor
+   (`actors.accuracy_monitor`: resolves served predictions, flags degraded models) and the market
+   feed (`cluster.feed.MarketFeed`), whose first tick makes the embedded synthetic history current.
 4. The Serve application of `serve_config.yaml` (`serve deploy` through the dashboard), with the
    HTTP port overridable.
 5. First training for every configured pair that has no production model yet.
@@ -714,14 +715,17 @@ def up(opts: UpOptions, out: Printer = print) -> int:
         import ray
 
         ray.init(address=address, namespace=ns, log_to_driver=False, logging_level="ERROR")
+        from actors.accuracy_monitor import get_or_create_monitor_actor
         from actors.storage import get_or_create_storage_actor
         from actors.training_queue import get_or_create_queue_actor
         from cluster.feed import get_or_create_feed
 
-        out("creating the Storage and TrainingQueue actors")
+        out("creating the Storage, TrainingQueue and accuracy monitor actors")
         storage = get_or_create_storage_actor(str(data_dir), ns)
         queue = get_or_create_queue_actor(ns, str(data_dir))
         ray.get(queue.ping.remote(), timeout=opts.timeout_s)
+        monitor = get_or_create_monitor_actor(ns, str(data_dir))
+        ray.get(monitor.ping.remote(), timeout=opts.timeout_s)
 
         out(f"starting the market feed ({settings.data.source}, every {opts.feed_interval_s:g}s) and "
             f"bringing the candles of {', '.join(settings.pairs)} up to date")
@@ -882,12 +886,14 @@ def _graceful_cluster_stop(state: dict[str, Any], out: Printer, timeout_s: float
 
                 serve.shutdown()
                 result["serve"] = "shut down"
+            from actors.accuracy_monitor import MONITOR_ACTOR_NAME
             from actors.storage import ACTOR_NAME as STORAGE_NAME
             from actors.training_queue import QUEUE_ACTOR_NAME
             from cluster.feed import FEED_ACTOR_NAME
 
             ns = state.get("namespace")
-            for name in (FEED_ACTOR_NAME, QUEUE_ACTOR_NAME):
+            # the monitor first: it writes through the Storage and submits to the queue
+            for name in (MONITOR_ACTOR_NAME, FEED_ACTOR_NAME, QUEUE_ACTOR_NAME):
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
             with contextlib.suppress(ValueError):
@@ -1024,6 +1030,7 @@ def _live_status(state: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 
             ray.init(address=state["ray"]["address"], namespace=state.get("namespace"), log_to_driver=False,
                      logging_level="ERROR")
+            from actors.accuracy_monitor import MONITOR_ACTOR_NAME
             from actors.training_queue import QUEUE_ACTOR_NAME
             from cluster.feed import FEED_ACTOR_NAME
 
@@ -1036,6 +1043,14 @@ def _live_status(state: dict[str, Any], timeout_s: float) -> dict[str, Any]:
                 out["queue"] = ray.get(ray.get_actor(QUEUE_ACTOR_NAME, namespace=ns).summary.remote(), timeout=10)
             except Exception as exc:  # noqa: BLE001
                 out["queue"] = {"error": str(exc)[:300]}
+            try:
+                mon = ray.get(ray.get_actor(MONITOR_ACTOR_NAME, namespace=ns).status.remote(), timeout=10)
+                out["monitor"] = {k: mon.get(k) for k in ("source", "intervalS", "ticks", "lastTick", "lastError")}
+                out["monitor"]["degraded"] = sorted(
+                    f"{p}/{mt}" for p, doc in (mon.get("pairs") or {}).items()
+                    for mt, m in (doc.get("models") or {}).items() if m.get("degraded"))
+            except Exception as exc:  # noqa: BLE001
+                out["monitor"] = {"error": str(exc)[:300]}
             if (state.get("serve") or {}).get("deployed"):
                 from ray import serve
 
@@ -1084,6 +1099,8 @@ def format_status(report: dict[str, Any]) -> str:
                      f"newest bar {ends}")
     if "queue" in live:
         lines.append("  queue: " + json.dumps(live["queue"])[:300])
+    if "monitor" in live:
+        lines.append("  accuracy monitor: " + json.dumps(live["monitor"])[:300])
     return "\n".join(lines)
 
 

@@ -51,6 +51,12 @@ class AppArgs(BaseModel):
     queue_name: str = Field("tbml-training-queue", min_length=1, max_length=100)
     queue_overrides: dict[str, Any] | None = Field(
         None, description="settings of the TrainingQueue actor when the ingress has to create it")
+    monitor: bool = Field(True, description="create the accuracy monitor actor (live accuracy, degraded "
+                                            "models) when it is missing; off: leave that to `tbml up`")
+    monitor_name: str = Field("tbml-accuracy-monitor", min_length=1, max_length=100)
+    monitor_overrides: dict[str, Any] | None = Field(
+        None, description="settings of the accuracy monitor when the ingress has to create it (`live` keys, "
+                          "pairs, scan_limit); it submits retrains to `queue_name`")
 
     max_batch_size: int = Field(16, ge=1, le=1024, description="predictor @serve.batch size")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0,

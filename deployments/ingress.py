@@ -24,6 +24,11 @@ Fallbacks (always 200, `fallback: true`, `reason`): no production model, no cand
 failing predictor (not cached). Redis down: the cache serves from memory, health says `degraded`.
 `GET /api/predictions` answers every pair even if some fail.
 
+Live accuracy (`/history`, `/accuracy`, the `live` block of model status): records carry their
+realized outcome (`ml.live_accuracy`), persisted by the accuracy monitor actor (which the ingress
+creates in the background when it is missing) and resolved on the fly by the same rule for what the
+monitor has not reached yet.
+
 `GET /api/ping` answers `{"ok": true}` touching nothing: the anchor of every latency figure.
 Mutating routes need `Authorization: Bearer <TBML_API_TOKEN>` when a token is configured.
 """
@@ -78,6 +83,7 @@ from deployments.schemas import (
     VersionsResponse,
 )
 from ml.config import PAIR_PATTERN
+from ml.live_accuracy import apply_updates, bars_needed, degraded, pending_count, resolve, rolling_stats
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,8 @@ MAX_PAIR_ECHO = 40
 _PAIR_RE = re.compile(PAIR_PATTERN)
 _PING_BODY = b'{"ok":true}'
 L1_MAX_ITEMS = 4096
+ACCURACY_SCAN = 20_000  # newest history records the accuracy endpoint scores
+MONITOR_RETRY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,30 @@ def _version_summary(meta: dict) -> dict:
                                                                     "horizons")}}
 
 
+_LIVE_FIELDS = ("n", "accuracy", "brier", "baseRate", "baselineBrier", "nDirectional", "since", "until",
+                "degraded", "reason", "flagged", "flaggedAt", "retrain")
+
+
+def _live_block(doc: dict | None, mt: str, production: dict | None) -> dict | None:
+    """The monitor's live numbers of the production version, next to the test numbers it was promoted
+    with. None without a production version; `available: false` until the monitor has scored it."""
+    if not production:
+        return None
+    test = production.get("metrics") or {}
+    out: dict[str, Any] = {"version": production.get("version"), "testAccuracy": test.get("accuracy"),
+                           "testBrier": test.get("brier"), "testBaselineBrier": test.get("baselineBrier")}
+    entry = ((doc or {}).get("models") or {}).get(mt)
+    if not isinstance(entry, dict) or entry.get("version") != production.get("version"):
+        out.update({k: None for k in _LIVE_FIELDS}, n=0, degraded=False, flagged=False, available=False,
+                   reason="no live numbers for this version yet (the accuracy monitor publishes them)",
+                   updatedAt=None)
+        return out
+    out.update({k: entry.get(k) for k in _LIVE_FIELDS}, degraded=bool(entry.get("degraded")), available=True,
+               window=doc.get("window"), minN=doc.get("minN"), margin=doc.get("margin"),
+               updatedAt=doc.get("updatedAt"))
+    return out
+
+
 @dataclass
 class _Snap:
     """What the request path needs to know about a pair, read from the shared volume."""
@@ -306,6 +338,9 @@ class IngressImpl:
         self._handles: OrderedDict[str, Any] = OrderedDict()
         self._storage_handle = None
         self._queue_handle = None
+        self._monitor_handle = None
+        self._monitor_task: asyncio.Task | None = None
+        self._monitor_retry_at = 0.0
         self._history: list[dict] = []
         self._history_task: asyncio.Task | None = None
         self._history_dropped = 0
@@ -484,6 +519,30 @@ class IngressImpl:
         except Exception as exc:  # noqa: BLE001
             raise ApiError(503, "queue_unavailable", f"TrainingQueue {method} failed: {exc}") from None
 
+    def _ensure_monitor(self) -> None:
+        """Make sure the accuracy monitor actor exists (so a plain `serve deploy` gets one): created in
+        the background, never on a request's path; retried later if it fails."""
+        if self._monitor_handle is not None or not self.args.monitor:
+            return
+        if (self._monitor_task is not None and not self._monitor_task.done()) \
+                or time.monotonic() < self._monitor_retry_at:
+            return
+        self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+
+    async def _monitor(self):
+        from actors.accuracy_monitor import get_or_create_monitor_actor
+
+        overrides = {"queue_name": self.args.queue_name, "queue_overrides": self.args.queue_overrides,
+                     **(self.args.monitor_overrides or {})}
+        try:
+            self._monitor_handle = await asyncio.wait_for(asyncio.to_thread(
+                get_or_create_monitor_actor, self.namespace, self.data_dir, overrides,
+                name=self.args.monitor_name), self.args.actor_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - live accuracy is optional; the API works without it
+            self._monitor_retry_at = time.monotonic() + MONITOR_RETRY_S
+            log.warning("the accuracy monitor could not be created: %s", _cause(exc))
+        return self._monitor_handle
+
     # ================================================================================ history
 
     def _record(self, pair: str, pred: dict[str, Any], cached: bool, ts: int) -> None:
@@ -520,6 +579,7 @@ class IngressImpl:
             await asyncio.sleep(self.args.history_flush_s)
             try:
                 await self._flush_history()
+                self._ensure_monitor()  # there is history to resolve now
             except Exception as exc:  # noqa: BLE001 - keep the records for the next round
                 log.warning("sending prediction history failed: %s", exc)
                 await asyncio.sleep(1.0)
@@ -672,64 +732,53 @@ class IngressImpl:
                      "timestamp": now_ms()})
 
     @app.get("/api/predictions/{pair}/accuracy", response_model=AccuracyResponse, responses={**E404, **E422},
-             tags=["predictions"], summary="Rolling accuracy and Brier of resolved predictions")
-    async def accuracy(self, pair: str, window: int = Query(200, ge=1, le=10_000),
+             tags=["predictions"], summary="Rolling live accuracy and Brier of resolved predictions vs the base rate")
+    async def accuracy(self, pair: str,
+                       window: int | None = Query(None, ge=1, le=10_000,
+                                                  description="resolved predictions (default live.window)"),
                        model: str | None = Query(None, max_length=32)) -> JSON:
         p = self._pair(pair)
         mt = self._model_query(model) if model else None
+        live = self.settings.live
+        w = int(window or live.window)
+        self._ensure_monitor()
         with contextlib.suppress(Exception):
             await self._flush_history()
-        records = await self._storage_call("query_predictions", p, 20_000, None)
+        records, snap = await asyncio.gather(self._storage_call("query_predictions", p, ACCURACY_SCAN, None),
+                                             self._snap(p))
         records = await asyncio.to_thread(self._resolve, p, records)
-        seen: set[tuple] = set()
-        rows = []
-        for r in records:  # newest first; the same prediction served many times counts once
-            if r.get("fallback") or r.get("outcome") is None or (mt and r.get("modelType") != mt):
-                continue
-            k = (r.get("modelType"), r.get("modelVersion"), r.get("asOf"), r.get("horizon"))
-            if k in seen:
-                continue
-            seen.add(k)
-            rows.append(r)
-            if len(rows) >= window:
-                break
-        n = len(rows)
-        out: dict[str, Any] = {"pair": p, "window": window, "n": n, "accuracy": None, "brier": None,
-                               "baseRate": None, "baselineBrier": None, "timestamp": now_ms()}
-        if n:
-            ys = [1.0 if r["outcome"] == "up" else 0.0 for r in rows]
-            ps = [float(r.get("probability") or 0.5) for r in rows]
-            directional = [r for r in rows if r.get("direction") in ("up", "down")]
-            base = sum(ys) / n
-            out.update(
-                accuracy=(sum(1 for r in directional if r["direction"] == r["outcome"]) / len(directional)
-                          if directional else None),
-                brier=sum((pp - y) ** 2 for pp, y in zip(ps, ys, strict=True)) / n,
-                baseRate=base,
-                baselineBrier=sum((base - y) ** 2 for y in ys) / n,
-            )
+
+        def judged(stats: dict) -> dict:
+            flag, reason = degraded(stats, live.degraded_min_n, live.degraded_margin)
+            return {**stats, "degraded": flag, "degradedReason": reason}
+
+        models = {}
+        for t in ([mt] if mt else self.model_types):
+            prod = snap.production.get(t)
+            version = prod["version"] if prod else None
+            stats = rolling_stats(records, w, model_type=t, model_version=version) if version else None
+            models[t] = {"version": version, **judged(stats)} if stats is not None else {"version": None}
+        out = {"pair": p, "window": w, "modelType": mt, **judged(rolling_stats(records, w, model_type=mt)),
+               "pending": pending_count(records, mt), "minN": live.degraded_min_n, "margin": live.degraded_margin,
+               "models": models, "timestamp": now_ms()}
         return JSON(out)
 
     def _resolve(self, pair: str, records: list[dict]) -> list[dict]:
-        """Add `outcome` (up/down) and `correct` to records whose target time has passed."""
-        todo = [r for r in records if not r.get("fallback") and isinstance(r.get("asOf"), int)
-                and isinstance(r.get("targetTime"), int)]
-        if not todo or self.settings.data.source == "core":
-            return records
-        lo = min(r["asOf"] for r in todo) - self.tf
-        hi = max(r["targetTime"] for r in todo) - self.tf
-        try:
-            candles = self.store.read(pair, start_ts=lo, end_ts=hi)
-        except Exception:  # noqa: BLE001 - no candles: nothing resolves
-            return records
-        close = dict(zip(candles["ts"].tolist(), candles["close"].tolist(), strict=True))
-        for r in todo:
-            c0 = close.get(r["asOf"] - self.tf)
-            c1 = close.get(r["targetTime"] - self.tf)
-            if c0 is None or c1 is None:
-                continue
-            r["outcome"] = "up" if c1 > c0 else "down"
-            r["correct"] = (r.get("direction") == r["outcome"]) if r.get("direction") in ("up", "down") else None
+        """Records with their realized outcome: the monitor's persisted resolution where it has run,
+        else resolved here on the fly by the same rule (ml.live_accuracy; not persisted, so answers
+        stay fresh between monitor passes). `outcome` repeats realizedDirection for older clients."""
+        if self.settings.data.source != "core":
+            now = now_ms()
+            span = bars_needed(records, self.tf, now)
+            if span is not None:
+                try:
+                    candles = self.store.read(pair, start_ts=span[0], end_ts=span[1])
+                except Exception:  # noqa: BLE001 - no candles: nothing resolves on the fly
+                    candles = None
+                apply_updates(records, resolve(records, candles, self.tf, now))
+        for r in records:
+            if r.get("realizedDirection") is not None:
+                r["outcome"] = r["realizedDirection"]
         return records
 
     @app.get("/api/features/{pair}", response_model=FeaturesResponse, responses=E404, tags=["features"],
@@ -917,7 +966,18 @@ class IngressImpl:
                 na = {"allowed": None, "reason": exc.message, "cooldownRemainingMinutes": None}
                 return None, {mt: na for mt in self.model_types}
 
-        parts = await asyncio.gather(*(storage_part(mt) for mt in self.model_types))
+        async def live_part() -> dict | None:
+            from actors.accuracy_monitor import live_document
+
+            try:
+                return await asyncio.to_thread(live_document, self.reader, p)
+            except Exception as exc:  # noqa: BLE001 - unreadable document: no live numbers
+                log.warning("live accuracy document of %s unreadable: %s", p, exc)
+                return None
+
+        self._ensure_monitor()
+        parts, live_doc = await asyncio.gather(asyncio.gather(*(storage_part(mt) for mt in self.model_types)),
+                                               live_part())
         view, gates = await queue_part()
         active = {(j.get("pair"), j.get("modelType")): j for j in ((view or {}).get("active") or {}).get("jobs", [])}
         models = {}
@@ -928,6 +988,7 @@ class IngressImpl:
             if job is not None:
                 entry["activeJob"] = job
             entry["training"] = gates.get(mt)
+            entry["live"] = _live_block(live_doc, mt, entry.get("production"))
             models[mt] = entry
         summary = None
         if view is not None:

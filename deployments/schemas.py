@@ -119,8 +119,13 @@ class HistoryRecord(_Out):
     probability: float
     confidence: float
     signal: str
-    outcome: str | None = Field(None, description="realized direction once targetTime has passed")
-    correct: bool | None = None
+    realizedClose: float | None = Field(None, description="close of the target bar (the one closing at targetTime)")
+    realizedDirection: Literal["up", "down"] | None = Field(
+        None, description="up if realizedClose > the close at asOf, else down; set once the target bar closed")
+    correct: bool | None = Field(None, description="direction == realizedDirection (None for neutral)")
+    resolvedAt: int | None = Field(None, description="when the accuracy monitor resolved it (epoch ms); "
+                                                     "absent while resolved only on the fly")
+    outcome: str | None = Field(None, description="realizedDirection (kept for older clients)")
 
 
 class HistoryResponse(_Out):
@@ -131,14 +136,35 @@ class HistoryResponse(_Out):
     timestamp: int
 
 
-class AccuracyResponse(_Out):
+class LiveStats(_Out):
+    n: int = Field(description="resolved predictions in the window, each counted once")
+    accuracy: float | None = Field(None, description="share of up/down calls that were right")
+    brier: float | None = Field(None, description="mean (P(up) - outcome)^2")
+    baseRate: float | None = Field(None, description="share of the window that went up")
+    baselineBrier: float | None = Field(None, description="Brier of always answering baseRate")
+    nDirectional: int = 0
+    nCorrect: int = 0
+    since: int | None = Field(None, description="asOf of the oldest prediction in the window")
+    until: int | None = Field(None, description="asOf of the newest prediction in the window")
+    degraded: bool = Field(False, description="n >= live.degraded_min_n and brier > baselineBrier + margin")
+    degradedReason: str | None = None
+
+
+class ModelLiveStats(LiveStats):
+    version: str | None = Field(description="the production version these numbers are of (None: no model)")
+    n: int = 0
+
+
+class AccuracyResponse(LiveStats):
     pair: str
     window: int
-    n: int
-    accuracy: float | None
-    brier: float | None
-    baseRate: float | None
-    baselineBrier: float | None
+    modelType: str | None = Field(None, description="the model filter (None: every model type and version)")
+    pending: int = Field(0, description="distinct predictions whose target bar has not closed (or has no candle)")
+    minN: int
+    margin: float
+    models: dict[str, ModelLiveStats] = Field(
+        default_factory=dict, description="per model type: the production version's numbers (what the "
+                                          "accuracy monitor judges)")
     timestamp: int
 
 
@@ -204,12 +230,29 @@ class PingResponse(_Out):
 # --------------------------------------------------------------------------------------- models
 
 
+class LiveStatus(_Out):
+    available: bool = Field(description="false until the accuracy monitor has scored this version")
+    version: str | None
+    n: int
+    accuracy: float | None
+    brier: float | None
+    baseRate: float | None
+    baselineBrier: float | None
+    degraded: bool
+    reason: str | None
+    testAccuracy: float | None = Field(description="test accuracy the version was promoted with")
+    testBrier: float | None
+    testBaselineBrier: float | None
+    updatedAt: int | None
+
+
 class ModelTypeStatus(_Out):
     hasModel: bool
     modelInfo: dict[str, Any]
     production: dict[str, Any] | None
     versions: int
     training: dict[str, Any]
+    live: LiveStatus | None = Field(None, description="live accuracy of the production version (None: no model)")
 
 
 class ModelStatusResponse(_Out):

@@ -5,8 +5,10 @@ One application (`deployments.app:build_app`, the options of serve_config.yaml w
 autoscaling and tiny CPU reservations) is deployed once for the module on the session's Ray
 cluster, with Serve's proxy on a free port and the session's real redis-server. Pairs are private
 to this module (SVA: a trained production model, SVB: data but no model, SVT: trained over HTTP,
-SVX: a production version whose weights are garbage, so its predictions fail), so other modules'
-models in the shared data directory never interfere.
+SVX: a production version whose weights are garbage, so its predictions fail; SVL, created by the
+last test, is not configured: the ingress finds it in the candle store), so other modules' models in
+the shared data directory never interfere. The accuracy monitor the ingress creates is private too
+and watches only these pairs.
 
 The tests run in file order and build on each other where that saves minutes (Serve tests on 2
 cores are slow): e.g. the autoscaling test reuses the deployed app.
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.ray
 TOKEN = "serve-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PAIRS = ["SVA", "SVB", "SVT", "SVX"]
+LIVE = "SVL"  # live accuracy on the streaming synthetic source (last test)
 BROKEN = "v20990101000000-deadbeef"
 APP = "tbml-serve-test"
 TF = 300_000
@@ -120,6 +123,7 @@ def served(ray_cluster, redis_server):
     ray.get(storage.set_production.remote("SVX", "lstm", BROKEN, "broken on purpose"))
 
     queue_name = f"tq-serve-{uuid.uuid4().hex[:8]}"
+    monitor_name = f"mon-serve-{uuid.uuid4().hex[:8]}"
     queue = get_or_create_queue_actor(ns, str(data_dir), {
         "tick_s": 0.1, "cooldown_minutes": 30, "retry_base_s": 0.5, "train_overrides": TINY,
         "num_workers": 1, "cpus_per_worker": 0.5, "max_attempts": 1}, name=queue_name)
@@ -134,7 +138,10 @@ def served(ray_cluster, redis_server):
     tiny = {"ray_actor_options": {"num_cpus": 0.05}}
     spec = app_from_config(
         args={"data_dir": str(data_dir), "namespace": ns, "redis_url": redis_server.url, "api_token": TOKEN,
-              "pairs": PAIRS, "snapshot_interval_s": 0.2, "queue_name": queue_name, "actor_timeout_s": 60},
+              "pairs": PAIRS, "snapshot_interval_s": 0.2, "queue_name": queue_name, "actor_timeout_s": 60,
+              "monitor_name": monitor_name,
+              # passes only when a test asks (tick()); never anything but this module's pairs
+              "monitor_overrides": {"pairs": [*PAIRS, LIVE], "resolve_interval_s": 3600}},
         deployments={"Ingress": tiny, "Features": tiny,
                      "Predictor": {**tiny, "autoscaling_config": FAST_AUTOSCALING}},
     )
@@ -144,7 +151,7 @@ def served(ray_cluster, redis_server):
     wait_for(lambda: client.get("/api/ping").status_code == 200, 120, what="the HTTP proxy")
     ctx = {"base": base, "port": port, "client": client, "data_dir": data_dir, "store": store, "v1": v1,
            "v2": v2, "storage": storage, "queue": queue, "queue_name": queue_name, "namespace": ns,
-           "redis": redis_server}
+           "redis": redis_server, "monitor_name": monitor_name}
     try:
         yield ctx
     finally:
@@ -155,6 +162,8 @@ def served(ray_cluster, redis_server):
             ray.kill(queue, no_restart=True)
         with contextlib.suppress(Exception):
             serve.shutdown()
+        with contextlib.suppress(Exception):  # after Serve: the ingress could create it again
+            ray.kill(ray.get_actor(monitor_name, namespace=ns), no_restart=True)
         if redis_server.proc is None or redis_server.proc.poll() is not None:
             redis_server.start()
 
@@ -212,7 +221,7 @@ def test_every_read_endpoint_answers_its_documented_shape(served):
 
 
 def test_prediction_is_real_cached_and_recomputed_on_new_candle_and_new_version(served):
-    from deployments.schemas import HistoryResponse, PredictionResponse
+    from deployments.schemas import AccuracyResponse, HistoryResponse, PredictionResponse
 
     c, store, v1, v2 = served["client"], served["store"], served["v1"], served["v2"]
     from ml.data.sources import synthetic_candles
@@ -270,15 +279,17 @@ def test_prediction_is_real_cached_and_recomputed_on_new_candle_and_new_version(
     since = _json(c.get("/api/predictions/SVA/history", params={"since": now_plus(3600)}))
     assert since["count"] == 0 and since["predictions"] == []
 
-    # once `horizon` more candles have closed, the history shows the realized outcome
+    # The candles appended here run ahead of the clock. A bar that has not closed on the clock does
+    # not resolve a prediction, even when the store holds it (a bar still forming has no final close):
+    # the records whose target time is ahead show no outcome. (Resolution itself: the last test.)
     last = store.coverage("SVA")["end"]
     assert store.append("SVA", synthetic_candles("SVA", bars=6, end_ts=last + 6 * TF)) == 6
-    resolved = [r for r in _json(c.get("/api/predictions/SVA/history", params={"limit": 100}))["predictions"]
-                if r.get("outcome") is not None]
-    assert resolved and all(r["outcome"] in ("up", "down") for r in resolved)
-    assert all(r["targetTime"] <= last + 7 * TF for r in resolved)
-    acc = _json(c.get("/api/predictions/SVA/accuracy"))
-    assert acc["n"] >= 1 and 0.0 <= acc["brier"] <= 1.0 and 0.0 <= acc["baseRate"] <= 1.0, acc
+    records = _json(c.get("/api/predictions/SVA/history", params={"limit": 100}))["predictions"]
+    now = now_plus(0)
+    ahead = [r for r in records if not r["fallback"] and r["targetTime"] > now]
+    assert ahead and not any(r.get("outcome") or r.get("realizedDirection") for r in ahead)
+    acc = AccuracyResponse.model_validate(_json(c.get("/api/predictions/SVA/accuracy")))
+    assert acc.pending >= 1 and acc.degraded is False, acc
     time.sleep(0.5)
 
     # hits (also those answered from the replica's memory) reach the shared counters in Redis
@@ -613,3 +624,84 @@ def test_redis_down_keeps_answering_degraded_then_healthy_again(served):
     wait_for(lambda: _json(c.get("/api/health"))["status"] == "healthy", 30, interval=0.5,
              what="health to be healthy again")
     assert c.get("/api/predictions/SVA").status_code == 200
+
+
+# ============================================================================================ live accuracy
+
+
+def test_served_predictions_resolve_after_the_horizon_and_the_accuracy_endpoint_counts_them(served):
+    """SVL: candles that end 12 bars before the clock (the feed is behind), a production model (SVA's
+    v1, real weights). Predictions served over HTTP on two successive bars stay unresolved until the
+    streaming feed has appended their target bars; then one pass of the accuracy monitor (created
+    by the ingress) writes the outcomes into the stored records, and the accuracy endpoint and the
+    model status count them."""
+    import ray
+
+    from cluster.feed import CandleFeed
+    from deployments.schemas import AccuracyResponse, HistoryResponse, ModelStatusResponse, PredictionResponse
+    from ml.data.sources import synthetic_candles
+    from ml.data.synthetic import last_closed_bar_ts
+
+    c, store, storage, v1 = served["client"], served["store"], served["storage"], served["v1"]
+    end = last_closed_bar_ts(TF) - 12 * TF
+    store.write(LIVE, synthetic_candles(LIVE, bars=BARS, end_ts=end))
+    meta = ray.get(storage.get_version_meta.remote("SVA", "lstm", v1))
+    files = {name: ray.get(storage.read_model_file.remote("SVA", "lstm", v1, name)) for name in meta["files"]}
+    meta = {k: v for k, v in meta.items() if k not in ("files", "version", "pair", "modelType", "savedAt")}
+    ray.get(storage.save_model_version.remote(LIVE, "lstm", v1, meta, files))
+    ray.get(storage.set_production.remote(LIVE, "lstm", v1, "test: live accuracy"))
+
+    def predict() -> dict | None:
+        r = c.get(f"/api/predictions/{LIVE}")
+        return _json(r) if r.status_code == 200 else None
+
+    # not configured: the ingress finds the pair in the candle store (it re-lists it every few seconds)
+    first = PredictionResponse.model_validate(wait_for(predict, 30, what=f"{LIVE} to be served")).prediction
+    assert not first.fallback and first.modelVersion == v1, first
+    assert first.asOf == end + TF and first.targetTime == end + 6 * TF
+    assert _json(c.get(f"/api/predictions/{LIVE}"))["cached"] is True  # the same prediction, served again
+
+    # the streaming feed, one bar on (its clock set to the next bar's close): a new prediction
+    feed = CandleFeed(served["data_dir"], pairs=[LIVE])
+    assert feed.tick(now_ms=end + 2 * TF) == {LIVE: 1}
+    time.sleep(0.5)  # the ingress re-reads the candle store at most every snapshot_interval_s (0.2 s)
+    second = PredictionResponse.model_validate(predict()).prediction
+    assert not second.fallback and second.asOf == end + 2 * TF, second
+    served_n = 3
+
+    # their target bars are not in the store yet: nothing resolves, the endpoint says what waits
+    acc = AccuracyResponse.model_validate(_json(c.get(f"/api/predictions/{LIVE}/accuracy")))
+    assert (acc.n, acc.pending, acc.brier) == (0, 2, None), acc
+
+    # the feed catches up with the clock; one pass of the monitor the ingress created
+    assert feed.tick()[LIVE] >= 10
+    monitor = wait_for(lambda: ray.get_actor(served["monitor_name"], namespace=served["namespace"]), 30,
+                       what="the accuracy monitor (created by the ingress)")
+    hist = HistoryResponse.model_validate(_json(c.get(f"/api/predictions/{LIVE}/history")))  # flushes history
+    assert hist.count == served_n
+    summary = ray.get(monitor.tick.remote(), timeout=120)
+    assert summary["errors"] == {} and summary["resolved"].get(LIVE) == served_n, summary
+
+    close = dict(zip(*(store.read(LIVE)[col].tolist() for col in ("ts", "close")), strict=True))
+    stored = ray.get(storage.query_predictions.remote(LIVE, None))
+    hist = HistoryResponse.model_validate(_json(c.get(f"/api/predictions/{LIVE}/history")))
+    for records in (stored, [r.model_dump() for r in hist.predictions]):
+        assert len(records) == served_n
+        for r in records:
+            base, target = close[r["asOf"] - TF], close[r["targetTime"] - TF]
+            assert r["realizedClose"] == target, r
+            assert r["realizedDirection"] == ("up" if target > base else "down")
+            assert r["correct"] == (r["direction"] == r["realizedDirection"] if r["direction"] != "neutral" else None)
+            assert r["resolvedAt"] >= r["targetTime"]
+    assert all(r.outcome == r.realizedDirection for r in hist.predictions)
+
+    acc = AccuracyResponse.model_validate(_json(c.get(f"/api/predictions/{LIVE}/accuracy")))
+    assert (acc.n, acc.pending) == (2, 0), acc  # three served records, two predictions
+    assert acc.brier is not None and 0.0 <= acc.brier <= 1.0 and acc.baselineBrier is not None
+    assert acc.models["lstm"].version == v1 and acc.models["lstm"].n == 2 and acc.degraded is False
+    status = ModelStatusResponse.model_validate(_json(c.get(f"/api/models/{LIVE}/status")))
+    live = status.models["lstm"].live
+    assert live.available is True and live.version == v1 and live.n == 2 and live.degraded is False, live
+    assert live.brier == pytest.approx(acc.models["lstm"].brier)
+    tested = status.models["lstm"].production["metrics"]["accuracy"]
+    assert tested is not None and live.testAccuracy == tested
