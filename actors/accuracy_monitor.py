@@ -204,7 +204,7 @@ class AccuracyMonitorActor:
             return summary
 
     async def _pass(self, storage, pair: str, summary: dict[str, Any]) -> None:
-        from ml.live_accuracy import degraded
+        from ml.live_accuracy import degraded, reference_rate
 
         tracker = self._tracker
         limit, since = tracker.query_args(pair)
@@ -228,7 +228,7 @@ class AccuracyMonitorActor:
             if prod is None:
                 continue
             version = prod["version"]
-            stats = tracker.stats(pair, mt, version)
+            stats = tracker.stats(pair, mt, version, reference_rate(prod))
             flag, reason = degraded(stats, self._min_n, self._margin)
             before = (previous.get("models") or {}).get(mt) or {}
             same_version = before.get("version") == version

@@ -83,7 +83,15 @@ from deployments.schemas import (
     VersionsResponse,
 )
 from ml.config import PAIR_PATTERN
-from ml.live_accuracy import apply_updates, bars_needed, degraded, pending_count, resolve, rolling_stats
+from ml.live_accuracy import (
+    apply_updates,
+    bars_needed,
+    degraded,
+    pending_count,
+    reference_rate,
+    resolve,
+    rolling_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -752,13 +760,19 @@ class IngressImpl:
             flag, reason = degraded(stats, live.degraded_min_n, live.degraded_margin)
             return {**stats, "degraded": flag, "degradedReason": reason}
 
+        def reference(t: str) -> float | None:  # the production version's training up-rate
+            prod = snap.production.get(t)
+            return reference_rate(self._meta(p, t, prod["version"])) if prod else None
+
         models = {}
         for t in ([mt] if mt else self.model_types):
             prod = snap.production.get(t)
             version = prod["version"] if prod else None
-            stats = rolling_stats(records, w, model_type=t, model_version=version) if version else None
+            stats = rolling_stats(records, w, model_type=t, model_version=version, reference=reference(t)) \
+                if version else None
             models[t] = {"version": version, **judged(stats)} if stats is not None else {"version": None}
-        out = {"pair": p, "window": w, "modelType": mt, **judged(rolling_stats(records, w, model_type=mt)),
+        overall = rolling_stats(records, w, model_type=mt, reference=reference(mt or self.default_model))
+        out = {"pair": p, "window": w, "modelType": mt, **judged(overall),
                "pending": pending_count(records, mt), "minN": live.degraded_min_n, "margin": live.degraded_margin,
                "models": models, "timestamp": now_ms()}
         return JSON(out)

@@ -141,7 +141,8 @@ class LiveStats(_Out):
     accuracy: float | None = Field(None, description="share of up/down calls that were right")
     brier: float | None = Field(None, description="mean (P(up) - outcome)^2")
     baseRate: float | None = Field(None, description="share of the window that went up")
-    baselineBrier: float | None = Field(None, description="Brier of always answering baseRate")
+    baselineBrier: float | None = Field(None, description="Brier of always answering referenceRate on the same rows")
+    referenceRate: float | None = Field(None, description="the production version's training up-rate (0.5 if unknown)")
     nDirectional: int = 0
     nCorrect: int = 0
     since: int | None = Field(None, description="asOf of the oldest prediction in the window")

@@ -42,6 +42,7 @@ from ml.baselines import (
     fit_majority,
     fit_persistence,
 )
+from ml.data.candles import infer_timeframe_ms
 from ml.datasets import StandardScaler, make_labels, windows_at
 from ml.metrics import balanced_accuracy, brier, ece, log_loss, mcc, wilson_interval
 from ml.models import MODEL_TYPES
@@ -52,6 +53,23 @@ MIN_FIT_ROWS = 200
 MIN_TEST_ROWS = 20
 
 Progress = Callable[[int, int, str], None]
+
+
+CAUSALITY_BARS = 3000  # the look-ahead check runs on the newest bars...
+CAUSALITY_CUTS = 96    # ...cut at this many random places (a sparse peek hides from a few cuts)
+
+
+def causality_cuts(n: int, seed: int, n_cuts: int = CAUSALITY_CUTS) -> list[int]:
+    """Cut positions for the look-ahead check: the evenly spread defaults plus seeded random ones
+    over the whole range after the feature warm-up."""
+    from ml.features import WARMUP_BARS
+    from ml.features.causality import default_cuts
+
+    lo, hi = WARMUP_BARS + 1, n - 2
+    cuts = set(default_cuts(n))
+    if hi > lo:
+        cuts.update(int(c) for c in np.random.default_rng(seed).integers(lo, hi + 1, n_cuts))
+    return sorted(cuts)
 
 
 class BacktestInputError(ValueError):
@@ -171,9 +189,20 @@ def plan_folds(valid_ends: np.ndarray, cfg: BacktestConfig) -> list[FoldPlan]:
     return plans
 
 
+def calls(p: np.ndarray, neutral_call: float) -> np.ndarray:
+    """The up/down call of each probability as the service makes it: P(up) rounded to 6 decimals
+    (what a prediction shows), up above 0.5, down below; exactly 0.5 is the service's neutral HOLD,
+    scored here as `neutral_call` (the fold's training majority class, i.e. what "no edge" earns)."""
+    q = np.round(np.asarray(p, dtype=np.float64), 6)
+    return np.where(q > 0.5, 1.0, np.where(q < 0.5, 0.0, float(neutral_call)))
+
+
 def score(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None, *, weak: float = 0.55,
           overlap: int = 1) -> dict[str, Any]:
     """The metrics block M of one prediction vector: hard calls default to p >= 0.5.
+
+    `coverage` is the share of rows with a directional call (P(up) not 0.5 at 6 decimals); the
+    service answers the others neutral/HOLD, and `hard` (see `calls`) scores them as the majority.
 
     A signal fires where the probability of the called direction exceeds `weak` (BUY/SELL and
     STRONG_*; the rest is HOLD); signal_accuracy is the accuracy of the fired ones (None if none).
@@ -188,18 +217,20 @@ def score(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None, *, weak:
     if n == 0:
         return {"n": 0, "accuracy": None, "balanced_accuracy": None, "mcc": None, "brier": None,
                 "log_loss": None, "ece": None, "accuracy_ci95": [None, None], "signal_rate": None,
-                "signal_accuracy": None, "signals": 0, "n_effective": 0}
+                "signal_accuracy": None, "signals": 0, "n_effective": 0, "coverage": None}
     correct = hard == y
     acc = float(np.mean(correct))
     n_eff = max(1, n // max(1, int(overlap)))
     lo, hi = wilson_interval(acc * n_eff, n_eff)
     fires = np.maximum(p, 1.0 - p) > weak
+    coverage = float(np.mean(np.round(p, 6) != 0.5))
     return {
         "n": n, "accuracy": acc, "balanced_accuracy": balanced_accuracy(y, hard), "mcc": mcc(y, hard),
         "brier": brier(y, p), "log_loss": log_loss(y, p), "ece": ece(y, p), "accuracy_ci95": [lo, hi], "n_effective": n_eff,
         "signal_rate": float(np.mean(fires)),
         "signal_accuracy": float(np.mean(correct[fires])) if fires.any() else None,
-        "signals": int(fires.sum()), "mean_p": float(np.mean(p)), "positive_rate": float(np.mean(y)),
+        "signals": int(fires.sum()), "coverage": coverage, "mean_p": float(np.mean(p)),
+        "positive_rate": float(np.mean(y)),
     }
 
 
@@ -325,8 +356,12 @@ def run_backtest(
         from ml.features.causality import assert_causal
 
         t_check = time.perf_counter()
-        assert_causal(candles.iloc[-min(len(candles), 3000):].reset_index(drop=True), feature_fn)
-        checks["causality"] = {"passed": True, "seconds": round(time.perf_counter() - t_check, 3)}
+        sample = candles.iloc[-min(len(candles), CAUSALITY_BARS):].reset_index(drop=True)
+        cuts = causality_cuts(len(sample), cfg.seed)
+        assert_causal(sample, feature_fn, cuts=cuts)
+        checks["causality"] = {"passed": True, "cuts": len(cuts), "bars": len(sample),
+                               "seconds": round(time.perf_counter() - t_check, 3),
+                               "meaning": f"no look-ahead found at {len(cuts)} cut points"}
     feats = feature_fn(candles)
     names = [str(c) for c in feats.columns]
     fts = np.asarray(feats.index, dtype=np.int64)
@@ -348,7 +383,13 @@ def run_backtest(
     ok_last = pos - h >= 0
     last_up[ok_last] = (close_all[pos[ok_last]] > close_all[pos[ok_last] - h]).astype(np.float64)
 
-    valid = np.isfinite(y) & np.isfinite(fwd) & np.isfinite(last_up) & (np.arange(len(y)) >= cfg.seq_len - 1)
+    # labels count rows; where candles have a gap, h rows are more than h bars: not the question
+    tf = infer_timeframe_ms(cts)
+    spans_gap = np.zeros(len(pos), dtype=bool)
+    if tf:
+        spans_gap[ok_fwd] = cts[pos[ok_fwd] + h] - cts[pos[ok_fwd]] != h * tf
+    valid = (np.isfinite(y) & np.isfinite(fwd) & np.isfinite(last_up) & ~spans_gap
+             & (np.arange(len(y)) >= cfg.seq_len - 1))
     plans = plan_folds(np.flatnonzero(valid), cfg)
     X = feats.to_numpy(dtype=np.float64)
     total = len(plans) * 3
@@ -383,11 +424,13 @@ def run_backtest(
                                           seed=cfg.seed, threads=cfg.threads, calibration=cfg.calibration)
         step(f"fold {plan.index + 1}/{len(plans)} lightgbm")
 
+        majority_call = float(np.mean(y[train_rows]) >= 0.5)
         probs = {MODEL: p_model}
-        hards = {MODEL: (p_model >= 0.5).astype(np.float64)}
+        hards = {MODEL: calls(p_model, majority_call)}
         for name, b in fitted.items():
             probs[name] = b.predict(Xs[plan.test], last_up[plan.test])
-            hards[name] = b.hard(probs[name], last_up[plan.test])
+            hards[name] = b.hard(probs[name], last_up[plan.test]) if name == "persistence" \
+                else calls(probs[name], majority_call)
         doc: dict[str, Any] = {
             "index": plan.index,
             "train": [int(fts[plan.fit[0]]), int(fts[plan.val[-1]])],
@@ -418,7 +461,8 @@ def run_backtest(
               "test_bars": int(len(plans[0].test)), "features": len(names),
               "feature_hash": feature_names_hash(names)}
     data = {"rows": int(len(candles)), "start": int(cts[0]), "end": int(cts[-1]),
-            "featureRows": int(len(fts)), "labelledRows": int(valid.sum()), "source": source}
+            "featureRows": int(len(fts)), "labelledRows": int(valid.sum()), "gapRows": int(spans_gap.sum()),
+            "source": source}
     return BacktestResult(
         data=data, config=config, overall=overall, folds=fold_docs, ts=fts[test_rows], y=y_pool,
         fold=np.concatenate([np.full(len(p.test), p.index) for p in plans]),

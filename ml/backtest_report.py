@@ -317,8 +317,9 @@ def render_markdown(result: BacktestResult, *, title: str | None = None,
               f"- source: {data.get('source') or DASH}"]
     causality = (result.checks or {}).get("causality")
     lines.append("- look-ahead check of the features: " + (
-        f"passed ({causality.get('seconds', DASH)} s)" if causality and causality.get("passed")
-        else "not run"))
+        f"no look-ahead found at {causality.get('cuts', DASH)} cut points of the newest "
+        f"{causality.get('bars', DASH)} bars ({causality.get('seconds', DASH)} s)"
+        if causality and causality.get("passed") else "not run"))
     lines.append("")
 
     lines += ["## Configuration", ""]

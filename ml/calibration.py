@@ -73,7 +73,7 @@ def _fit_one(z: np.ndarray, y: np.ndarray, fit_bias: bool, max_iter: int = 100) 
             rate = float(np.clip(np.mean(y), 1e-6, 1 - 1e-6))
             b = float(np.log(rate / (1.0 - rate)))
         else:
-            a = 1e-6  # temperature only: as close to a constant 0.5 as T allows
+            a = 0.0  # temperature only: exactly 0.5, the answer of a model without an edge (HOLD)
     return a, b
 
 

@@ -300,7 +300,9 @@ class Dataset:
 
 def windows_at(Xs: np.ndarray, ends: np.ndarray, seq_len: int, materialize: bool = False) -> np.ndarray:
     """(N, seq_len, F) windows ending at rows `ends`: a read-only strided view when the ends are
-    contiguous and materialize is False, else a copy."""
+    contiguous and materialize is False, else a copy. Every end needs seq_len - 1 rows before it."""
+    if len(ends) and (int(np.min(ends)) < seq_len - 1 or int(np.max(ends)) >= len(Xs)):
+        raise ValueError(f"window ends must lie in [{seq_len - 1}, {len(Xs) - 1}] for seq_len {seq_len}")
     if not materialize and len(ends) and np.all(np.diff(ends) == 1):
         start = int(ends[0]) - (seq_len - 1)
         return _window_view(Xs, seq_len)[start:start + len(ends)]

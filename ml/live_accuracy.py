@@ -146,18 +146,33 @@ def distinct_resolved(records: Iterable[Mapping[str, Any]], model_type: str | No
     return out
 
 
+def reference_rate(meta: Mapping[str, Any] | None) -> float | None:
+    """The up-rate a model version was trained on (its test baseline's constant probability)."""
+    try:
+        rate = ((meta or {}).get("metrics") or {}).get("baseline", {}).get("base_rate")
+    except AttributeError:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+        return None
+    return float(rate)
+
+
 def rolling_stats(records: Iterable[Mapping[str, Any]], window: int, model_type: str | None = None,
-                  model_version: str | None = None) -> dict[str, Any]:
+                  model_version: str | None = None, reference: float | None = None) -> dict[str, Any]:
     """Numbers over the newest `window` resolved predictions (each counted once):
 
     n; accuracy over the directional ones (None if none); Brier of P(up); baseRate = share that went
-    up; baselineBrier = Brier of always answering that base rate (= baseRate * (1 - baseRate)), the
-    hardest constant forecast to beat; since/until = asOf of the oldest/newest one.
+    up in the window; baselineBrier = Brier of always answering `reference` (the model's TRAINING
+    up-rate, see reference_rate; 0.5 when unknown) on the same rows -- a forecast fixed before the
+    outcomes, unlike the window's own up-rate, whose Brier (baseRate * (1 - baseRate)) is chosen
+    in hindsight and would make an honest no-edge model look worse than "the base rate" by chance;
+    since/until = asOf of the oldest/newest one.
     """
     rows = distinct_resolved(records, model_type, model_version)[:max(0, int(window))]
     n = len(rows)
+    ref = 0.5 if reference is None else float(reference)
     out: dict[str, Any] = {"n": n, "accuracy": None, "brier": None, "baseRate": None, "baselineBrier": None,
-                           "nDirectional": 0, "nCorrect": 0, "since": None, "until": None}
+                           "referenceRate": ref, "nDirectional": 0, "nCorrect": 0, "since": None, "until": None}
     if not n:
         return out
     ys = [1.0 if r["realizedDirection"] == "up" else 0.0 for r in rows]
@@ -169,7 +184,7 @@ def rolling_stats(records: Iterable[Mapping[str, Any]], window: int, model_type:
         accuracy=correct / len(directional) if directional else None,
         brier=sum((p - y) ** 2 for p, y in zip(ps, ys, strict=True)) / n,
         baseRate=base,
-        baselineBrier=sum((base - y) ** 2 for y in ys) / n,
+        baselineBrier=sum((ref - y) ** 2 for y in ys) / n,
         nDirectional=len(directional),
         nCorrect=correct,
         since=min(r["asOf"] for r in rows),
@@ -186,8 +201,8 @@ def pending_count(records: Iterable[Mapping[str, Any]], model_type: str | None =
 
 def degraded(stats: Mapping[str, Any], min_n: int, margin: float) -> tuple[bool, str]:
     """(flag, reason): degraded when at least `min_n` predictions are resolved and their Brier is worse
-    than the base rate's by more than `margin` -- the model then does worse than predicting the
-    share of up moves, i.e. it has no edge left."""
+    than the baseline's (the training up-rate as a constant, see rolling_stats) by more than
+    `margin` -- the model then does worse than saying nothing, i.e. it has no edge left."""
     n = int(stats.get("n") or 0)
     brier, base = stats.get("brier"), stats.get("baselineBrier")
     if n < min_n or brier is None or base is None:
@@ -298,8 +313,9 @@ class LiveTracker:
         st.resolved_total += n
         return n
 
-    def stats(self, pair: str, model_type: str | None = None, model_version: str | None = None) -> dict[str, Any]:
-        return rolling_stats(self._state(pair).resolved.values(), self.window, model_type, model_version)
+    def stats(self, pair: str, model_type: str | None = None, model_version: str | None = None,
+              reference: float | None = None) -> dict[str, Any]:
+        return rolling_stats(self._state(pair).resolved.values(), self.window, model_type, model_version, reference)
 
     def counts(self, pair: str) -> dict[str, Any]:
         st = self._state(pair)
@@ -308,5 +324,5 @@ class LiveTracker:
 
 
 __all__ = ["SCAN_LIMIT", "LiveTracker", "RESOLVED_FIELDS", "apply_updates", "bars_needed", "closes_by_ts", "degraded",
-           "distinct_resolved", "is_resolved", "is_trackable", "pending_count", "prediction_key", "resolve",
-           "rolling_stats"]
+           "distinct_resolved", "is_resolved", "is_trackable", "pending_count", "prediction_key", "reference_rate",
+           "resolve", "rolling_stats"]

@@ -121,6 +121,17 @@ def test_a_feature_that_peeks_ahead_stops_the_backtest(leak_series):
 
     with pytest.raises(LookAheadError, match="next_return"):
         run_backtest(leak_series, small_cfg(check_causality=True), feature_fn=peeking)
+
+    def peeking_sometimes(c):  # looks 5 bars ahead, but only during one hour of the day
+        f = feature_matrix(c)
+        close = c.set_index("ts")["close"]
+        ahead = np.log(close.shift(-5) / close).reindex(f.index).fillna(0.0)
+        hour = (f.index.to_numpy() // 3_600_000) % 24
+        f["afternoon_peek"] = np.where(hour == 13, ahead.to_numpy(), 0.0)
+        return f
+
+    with pytest.raises(LookAheadError, match="afternoon_peek"):
+        run_backtest(leak_series, small_cfg(check_causality=True), feature_fn=peeking_sometimes)
     ok = run_backtest(leak_series.iloc[:1500].reset_index(drop=True),
                       small_cfg(check_causality=True, folds=1, epochs=1))
     assert ok.checks["causality"]["passed"] is True

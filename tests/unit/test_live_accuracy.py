@@ -141,13 +141,34 @@ def test_window_takes_the_newest_predictions_and_each_prediction_counts_once():
     two = rolling_stats(recs, 2, model_type="lstm")  # C and D
     assert two["n"] == 2 and two["accuracy"] == 0.0 and two["nDirectional"] == 1
     assert two["brier"] == pytest.approx((0.36 + 0.25) / 2)
-    assert two["baseRate"] == 0.0 and two["baselineBrier"] == 0.0
+    # both went down: the window's own rate (0) would be a perfect forecast in hindsight; the
+    # baseline is the fixed reference instead (0.5 by default: Brier 0.25; a 0.6 training rate: 0.36)
+    assert two["baseRate"] == 0.0 and two["baselineBrier"] == pytest.approx(0.25) and two["referenceRate"] == 0.5
+    trained = rolling_stats(recs, 2, model_type="lstm", reference=0.6)
+    assert trained["baselineBrier"] == pytest.approx(0.36) and trained["brier"] == two["brier"]
     assert (two["since"], two["until"]) == (HAND[2]["asOf"], HAND[3]["asOf"])
     empty = rolling_stats([], 10)
     assert empty["n"] == 0 and empty["accuracy"] is None and empty["brier"] is None
     only_neutral = rolling_stats([HAND[3]], 10)
     assert only_neutral["n"] == 1 and only_neutral["accuracy"] is None and only_neutral["brier"] == 0.25
     assert pending_count(recs) == 1 and pending_count(recs, "gru") == 0
+
+
+def test_reference_rate_is_the_training_up_rate_of_the_version():
+    from ml.live_accuracy import reference_rate
+
+    assert reference_rate({"metrics": {"baseline": {"base_rate": 0.53}}}) == 0.53
+    assert reference_rate({"metrics": {}}) is None and reference_rate(None) is None
+    assert reference_rate({"metrics": {"baseline": {"base_rate": 1.7}}}) is None
+
+
+def test_a_perfect_no_edge_forecast_is_never_degraded_whatever_the_window_did():
+    """p = 0.5 on a window that went up 70 % of the time: the hindsight rate (0.7) would have a
+    Brier of 0.21 and call the coin-flip model degraded; against the fixed reference it is not."""
+    recs = [outcome(f"N{i}", i, 0.5, "neutral", "up" if i % 10 < 7 else "down") for i in range(200)]
+    s = rolling_stats(recs, 200)
+    assert s["baseRate"] == pytest.approx(0.7) and s["brier"] == pytest.approx(0.25)
+    assert degraded(s, min_n=100, margin=0.01)[0] is False
 
 
 def test_degraded_needs_enough_predictions_and_a_brier_worse_than_the_base_rate_by_the_margin():
