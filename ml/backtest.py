@@ -198,11 +198,12 @@ def calls(p: np.ndarray, neutral_call: float) -> np.ndarray:
 
 
 def score(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None, *, weak: float = 0.55,
-          overlap: int = 1) -> dict[str, Any]:
+          overlap: int = 1, always_calls: bool = False) -> dict[str, Any]:
     """The metrics block M of one prediction vector: hard calls default to p >= 0.5.
 
     `coverage` is the share of rows with a directional call (P(up) not 0.5 at 6 decimals); the
     service answers the others neutral/HOLD, and `hard` (see `calls`) scores them as the majority.
+    `always_calls`: a rule that calls every row whatever its probability (persistence).
 
     A signal fires where the probability of the called direction exceeds `weak` (BUY/SELL and
     STRONG_*; the rest is HOLD); signal_accuracy is the accuracy of the fired ones (None if none).
@@ -223,7 +224,7 @@ def score(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None, *, weak:
     n_eff = max(1, n // max(1, int(overlap)))
     lo, hi = wilson_interval(acc * n_eff, n_eff)
     fires = np.maximum(p, 1.0 - p) > weak
-    coverage = float(np.mean(np.round(p, 6) != 0.5))
+    coverage = 1.0 if always_calls else float(np.mean(np.round(p, 6) != 0.5))
     return {
         "n": n, "accuracy": acc, "balanced_accuracy": balanced_accuracy(y, hard), "mcc": mcc(y, hard),
         "brier": brier(y, p), "log_loss": log_loss(y, p), "ece": ece(y, p), "accuracy_ci95": [lo, hi], "n_effective": n_eff,
@@ -444,7 +445,8 @@ def run_backtest(
                              **{name: b.fingerprint() for name, b in fitted.items()}},
         }
         for name in NAMES:
-            doc[name] = score(y_test, probs[name], hards[name], weak=cfg.weak, overlap=h)
+            doc[name] = score(y_test, probs[name], hards[name], weak=cfg.weak, overlap=h,
+                              always_calls=name == "persistence")
             pooled[name].append(probs[name])
             pooled_hard[name].append(hards[name])
         fold_docs.append(doc)
@@ -453,8 +455,8 @@ def run_backtest(
     y_pool = y[test_rows]
     probs_all = {name: np.concatenate(v) for name, v in pooled.items()}
     hard_all = {name: np.concatenate(v) for name, v in pooled_hard.items()}
-    overall = {name: score(y_pool, probs_all[name], hard_all[name], weak=cfg.weak,
-                           overlap=h) for name in NAMES}
+    overall = {name: score(y_pool, probs_all[name], hard_all[name], weak=cfg.weak, overlap=h,
+                           always_calls=name == "persistence") for name in NAMES}
     from ml.features import feature_names_hash
 
     config = {**cfg.model_dump(), "purge": cfg.effective_purge,

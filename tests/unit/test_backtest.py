@@ -208,6 +208,18 @@ def test_score_on_a_hand_checked_example():
     # a forced call (persistence) overrides the probability's direction
     forced = score(y, np.full(8, 0.5), hard=y)
     assert forced["accuracy"] == 1.0 and forced["signal_rate"] == 0.0 and forced["signal_accuracy"] is None
+    # coverage: rows with a directional call; p = 0.5 is the service's neutral HOLD, unless the rule always calls
+    assert m["coverage"] == 1.0 and forced["coverage"] == 0.0
+    assert score(y, np.full(8, 0.5), hard=y, always_calls=True)["coverage"] == 1.0
+
+
+def test_calls_follow_the_service_neutral_rule():
+    from ml.backtest import calls
+
+    p = np.array([0.7, 0.3, 0.5, 0.5000004, 0.4999996, 0.5000006])
+    # 6-decimal rounding as served: the 2nd-to-4th middle values are exactly 0.5 there -> the majority call
+    assert calls(p, neutral_call=0.0).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert calls(p, neutral_call=1.0).tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def test_equity_curves_follow_the_signals_net_of_cost():
