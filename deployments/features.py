@@ -50,9 +50,9 @@ class FeaturesImpl:
         return await asyncio.to_thread(self._window, pair, candle_ts, rows)
 
     def _window(self, pair: str, candle_ts: int | None, rows: int) -> dict[str, Any]:
-        from ml.data.candles import validate_pair
         from ml.data.store import NoCandlesError
         from ml.features import LOOKBACK_BARS, WARMUP_BARS, feature_names_hash, latest_window
+        from ml.pairs import validate_pair
 
         validate_pair(pair)
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_ROWS:

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ml.data.candles import InvalidPairError, validate_pair
+from ml.pairs import InvalidPairError, validate_pair
 
 PRIORITY_MIN, PRIORITY_MAX = 1, 10
 DEFAULT_PRIORITY = 5

@@ -131,10 +131,10 @@ def _report_target(value: str | None) -> Path | None:
 
 def _candles(args: argparse.Namespace, settings) -> tuple[pd.DataFrame, str, dict[str, Any]]:
     """(candles, where they came from, extra facts for the JSON's data block)."""
-    from ml.data.candles import InvalidPairError, validate_pair
     from ml.data.files import CandleFileError, import_file
     from ml.data.sources import load_candles
     from ml.data.store import CandleStore, NoCandlesError
+    from ml.pairs import InvalidPairError, validate_pair
 
     if args.bars is not None and args.bars < 1:
         raise UsageError(f"--bars must be >= 1, got {args.bars}")

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from ml.cli import UsageError
 from ml.config import TIMEFRAME_MS
-from ml.data.candles import InvalidPairError, validate_pair
 from ml.data.files import FORMATS
+from ml.pairs import InvalidPairError, validate_pair
 
 if TYPE_CHECKING:
     import pandas as pd

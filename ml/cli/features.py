@@ -22,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _candles(args: argparse.Namespace):
     from ml.cli import UsageError
     from ml.config import get_settings
-    from ml.data.candles import InvalidPairError, validate_pair
     from ml.data.files import CandleFileError, import_file
     from ml.data.sources import load_candles
     from ml.data.store import CandleStore
+    from ml.pairs import InvalidPairError, validate_pair
 
     try:
         validate_pair(args.pair)

@@ -7,14 +7,13 @@ in `ts`, with a RangeIndex. Bad rows are never dropped silently: each is counted
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from ml.config import PAIR_PATTERN
+from ml.pairs import InvalidPairError, validate_pair  # noqa: F401 - re-exported, the old home
 
 CANDLE_COLUMNS = ["ts", "open", "high", "low", "close", "volume"]
 PRICE_COLUMNS = ["open", "high", "low", "close"]
@@ -31,20 +30,6 @@ REJECT_REASONS = (
     "unordered_ts",
 )
 
-_PAIR_RE = re.compile(PAIR_PATTERN)
-
-
-class InvalidPairError(ValueError):
-    """A pair name that does not match ^[A-Z0-9]{2,15}$ (and so may never become a path)."""
-
-
-def validate_pair(pair: str) -> str:
-    """Return the pair if it is a valid base symbol, else raise InvalidPairError."""
-    if not isinstance(pair, str) or not _PAIR_RE.fullmatch(pair):
-        raise InvalidPairError(
-            f"invalid pair {pair!r}: expected 2-15 upper-case letters or digits, e.g. BTC"
-        )
-    return pair
 
 
 @dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ml.data.candles import InvalidPairError, validate_pair
+from ml.pairs import InvalidPairError, validate_pair
 from ml.storage.atomic import BACKUP_SUFFIX, TMP_MARK
 
 CATEGORIES = ("candles", "features", "models", "training", "predictions", "queue")
