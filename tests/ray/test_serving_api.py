@@ -300,7 +300,7 @@ def test_prediction_is_real_cached_and_recomputed_on_new_candle_and_new_version(
     h0 = hits()
     for _ in range(5):
         assert _json(c.get("/api/predictions/SVA"))["cached"] is True
-    wait_for(lambda: hits() >= h0 + 5, 10, what="5 more prediction hits in the shared counters")
+    wait_for(lambda: hits() >= h0 + 5, 30, what="5 more prediction hits in the shared counters")
 
 
 def now_plus(seconds: float) -> int:
