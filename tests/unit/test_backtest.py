@@ -156,7 +156,7 @@ def test_on_a_planted_signal_every_learned_model_beats_majority_and_persistence(
     for name in LEARNED:
         m = o[name]
         assert m["accuracy"] > simple + 0.02, (name, m["accuracy"], simple)
-        assert m["accuracy_ci95"][0] > 0.5, (name, m["accuracy_ci95"])  # an edge beyond noise
+        assert m["accuracy_ci95"][0] > simple, (name, m["accuracy_ci95"], simple)  # beyond noise
         assert m["mcc"] > max(o["majority"]["mcc"], o["persistence"]["mcc"])
         assert m["balanced_accuracy"] > 0.5
 
