@@ -356,7 +356,7 @@ def resolve_auth(environ: dict[str, str] | os._Environ | None = None, *, create:
                 fh.write(secrets.token_hex(32))
         else:
             env = {k: v for k, v in environ.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
-            proc = subprocess.run([ray_bin or _ray_bin(), "get-auth-token", "--generate"], env=env,
+            proc = subprocess.run([ray_bin or _venv_bin("ray"), "get-auth-token", "--generate"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60)
             if proc.returncode != 0 or not path.is_file():
                 raise UpError(f"could not create a Ray auth token: {proc.stderr.strip()[-300:]}")
@@ -389,19 +389,12 @@ def auth_headers(auth: dict[str, Any]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------
 # pieces
 
-def _ray_bin() -> str:
-    local = Path(sys.executable).parent / "ray"
-    found = str(local) if local.exists() else shutil.which("ray")
+def _venv_bin(name: str) -> str:
+    """A console script of this environment (`ray`, `serve`), else the one on PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise UpError("the `ray` command is missing: run `make setup`")
-    return found
-
-
-def _serve_bin() -> str:
-    local = Path(sys.executable).parent / "serve"
-    found = str(local) if local.exists() else shutil.which("serve")
-    if not found:
-        raise UpError("the `serve` command is missing: run `make setup`")
+        raise UpError(f"the `{name}` command is missing: run `make setup`")
     return found
 
 
@@ -435,7 +428,7 @@ def ray_start(opts: UpOptions, temp_dir: Path, env: dict[str, str], log_path: Pa
     """`ray start --head`; returns the GCS address (host:port)."""
     num_cpus = opts.num_cpus or len(os.sched_getaffinity(0))
     cmd = [
-        _ray_bin(), "start", "--head", f"--port={opts.ray_port}",
+        _venv_bin("ray"), "start", "--head", f"--port={opts.ray_port}",
         f"--dashboard-host={opts.dashboard_host}", f"--dashboard-port={opts.dashboard_port}",
         "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
@@ -543,7 +536,7 @@ def deploy_serve(config: dict[str, Any], run: Path, dashboard_url: str, env: dic
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = run / "serve-deploy.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.run([_serve_bin(), "deploy", str(path), "--address", dashboard_url], env=env,
+        proc = subprocess.run([_venv_bin("serve"), "deploy", str(path), "--address", dashboard_url], env=env,
                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=120)
     if proc.returncode != 0:
         raise UpError(f"`serve deploy` failed (exit {proc.returncode}):\n{_tail(log_path)}")

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ml.baselines import (
     BASELINES,
     FittedBaseline,
+    calls,
     fit_lightgbm,
     fit_logistic,
     fit_majority,
@@ -127,12 +128,11 @@ class BacktestConfig(BaseModel):
             from ml.config import get_settings
 
             settings = get_settings()
+        from ml.train import model_profile
+
         overrides = {k: v for k, v in overrides.items() if v is not None}
         b = settings.backtest
-        profile = overrides.pop("profile", None) or settings.model.profile
-        if profile not in settings.model.profiles:
-            raise ValueError(f"unknown profile {profile!r}; one of {', '.join(settings.model.profiles)}")
-        prof = settings.model.profiles[profile]
+        profile, prof = model_profile(settings, overrides.pop("profile", None))
         t = settings.training
         values: dict[str, Any] = {
             "model_type": settings.model.default_type, "horizon": settings.labels.horizons[0],
@@ -187,14 +187,6 @@ def plan_folds(valid_ends: np.ndarray, cfg: BacktestConfig) -> list[FoldPlan]:
                 f"and 20); use fewer folds, smaller --test-bars or more data")
         plans.append(FoldPlan(index=i, fit=fit, val=val, test=test))
     return plans
-
-
-def calls(p: np.ndarray, neutral_call: float) -> np.ndarray:
-    """The up/down call of each probability as the service makes it: P(up) rounded to 6 decimals
-    (what a prediction shows), up above 0.5, down below; exactly 0.5 is the service's neutral HOLD,
-    scored here as `neutral_call` (the fold's training majority class, i.e. what "no edge" earns)."""
-    q = np.round(np.asarray(p, dtype=np.float64), 6)
-    return np.where(q > 0.5, 1.0, np.where(q < 0.5, 0.0, float(neutral_call)))
 
 
 def score(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None, *, weak: float = 0.55,
@@ -254,7 +246,8 @@ class BacktestResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"data": self.data, "config": self.config, "overall": self.overall, "folds": self.folds,
-                "checks": self.checks, "strategy": self.strategy_summary(), "elapsedSeconds": self.elapsed_s}
+                "checks": self.checks, "strategy": self.strategy_summary(), "edge": edge_summary(self),
+                "elapsedSeconds": self.elapsed_s}
 
     def positions(self, name: str) -> np.ndarray:
         """+1 long / -1 short where the signal fires (BUY* / SELL*), 0 on HOLD."""
@@ -305,10 +298,9 @@ def _train_network(cfg: BacktestConfig, Xs: np.ndarray, y: np.ndarray, plan: Fol
     from ml.datasets import Dataset, SplitIndices
     from ml.train import TrainConfig, deterministic, fit, new_model, predict_logits, state_to_bytes
 
-    tcfg = TrainConfig(pair="BACKTEST", model_type=cfg.model_type, profile=cfg.profile, layers=cfg.layers,
-                       hidden=cfg.hidden, dropout=cfg.dropout, seq_len=cfg.seq_len, epochs=cfg.epochs,
-                       batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, patience=cfg.patience,
-                       seed=cfg.seed, horizons=[cfg.horizon], threads=cfg.threads, calibration=cfg.calibration)
+    # the fields both configs have mean the same, except the split's purge and validation share
+    shared = (set(TrainConfig.model_fields) & set(BacktestConfig.model_fields)) - {"purge", "val_fraction"}
+    tcfg = TrainConfig(pair="BACKTEST", horizons=[cfg.horizon], **cfg.model_dump(include=shared))
     L = cfg.seq_len
     sets = {s: (windows_at(Xs, ends, L), y[ends][:, None].astype(np.float32))
             for s, ends in (("train", plan.fit), ("val", plan.val), ("test", plan.test))}
@@ -393,6 +385,7 @@ def run_backtest(
              & (np.arange(len(y)) >= cfg.seq_len - 1))
     plans = plan_folds(np.flatnonzero(valid), cfg)
     X = feats.to_numpy(dtype=np.float64)
+    X32 = X.astype(np.float32)  # what each fold's scaler transforms
     total = len(plans) * 3
     done = 0
 
@@ -408,7 +401,7 @@ def run_backtest(
     for plan in plans:
         first = max(0, int(plan.fit[0]) - cfg.seq_len + 1)
         scaler = StandardScaler(names).fit(X[first:int(plan.fit[-1]) + 1])
-        Xs = scaler.transform(X.astype(np.float32))
+        Xs = scaler.transform(X32)
         train_rows = np.concatenate([plan.fit, plan.val])
         y_test = y[plan.test]
 
@@ -430,8 +423,7 @@ def run_backtest(
         hards = {MODEL: calls(p_model, majority_call)}
         for name, b in fitted.items():
             probs[name] = b.predict(Xs[plan.test], last_up[plan.test])
-            hards[name] = b.hard(probs[name], last_up[plan.test]) if name == "persistence" \
-                else calls(probs[name], majority_call)
+            hards[name] = b.hard(probs[name], last_up[plan.test], majority_call)
         doc: dict[str, Any] = {
             "index": plan.index,
             "train": [int(fts[plan.fit[0]]), int(fts[plan.val[-1]])],
@@ -480,10 +472,11 @@ def edge_summary(result: BacktestResult, name: str = MODEL) -> dict[str, Any]:
     interval of the model's accuracy excludes that best baseline's accuracy and 50 %.
     """
     m = result.overall[name]
-    best_simple = max(result.overall["majority"]["accuracy"], result.overall["persistence"]["accuracy"])
+    best_name = max(("majority", "persistence"), key=lambda n: result.overall[n]["accuracy"])
+    best_simple = result.overall[best_name]["accuracy"]
     lo, hi = m["accuracy_ci95"]
     return {
-        "accuracy": m["accuracy"], "bestSimpleBaseline": best_simple,
+        "accuracy": m["accuracy"], "ci95": [lo, hi], "bestSimpleName": best_name, "bestSimpleBaseline": best_simple,
         "margin": m["accuracy"] - best_simple,
         "beatsSimpleBeyondNoise": bool(lo > best_simple),
         "coversHalf": bool(lo <= 0.5 <= hi),

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 DASH = "–"
 N_BINS = 10
 PLOTTED = (MODEL, *LEARNED_BASELINES)  # the ones with real probabilities to plot
-SIMPLE_BASELINES = ("majority", "persistence")
 FILES = {"report": "report.md", "reliability": "reliability.png", "folds": "folds.png",
          "returns": "returns.png"}
 COLORS = {MODEL: "#1f77b4", "majority": "#7f7f7f", "persistence": "#9467bd", "logistic": "#2ca02c",
@@ -113,18 +112,13 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str |
 
 # ---------------------------------------------------------------------------------------- verdict
 
-def best_simple_name(result: BacktestResult) -> str:
-    """Which simple baseline edge_summary compares against (the more accurate one; ties: majority)."""
-    acc = {n: _finite(result.overall[n].get("accuracy")) for n in SIMPLE_BASELINES}
-    return max(SIMPLE_BASELINES, key=lambda n: -1.0 if acc[n] is None else acc[n])
-
-
-def verdict_sentence(edge: dict[str, Any], best_simple: str = "the best simple baseline") -> str:
+def verdict_sentence(edge: dict[str, Any], best_simple: str | None = None) -> str:
     """The one-line answer to "is there an edge?", from `edge_summary` numbers alone.
 
     Order matters: an interval that covers 50 % is "no evidence" even when it clears a simple
     baseline (that only happens when the baseline itself is below a coin on the test rows).
     """
+    best_simple = best_simple or edge.get("bestSimpleName") or "the best simple baseline"
     lo, hi = edge.get("ci95") or (None, None)
     ci = fmt_ci([lo, hi])
     acc, best = fmt_pct(edge.get("accuracy")), fmt_pct(edge.get("bestSimpleBaseline"))
@@ -149,17 +143,10 @@ def verdict_sentence(edge: dict[str, Any], best_simple: str = "the best simple b
             f"gets (accuracy {acc}; {points}).")
 
 
-def edge(result: BacktestResult) -> dict[str, Any]:
-    """edge_summary plus the interval it was judged on (the verdict needs both)."""
-    e = dict(edge_summary(result))
-    e["ci95"] = list(result.overall[MODEL]["accuracy_ci95"])
-    return e
-
-
 def verdict(result: BacktestResult) -> list[str]:
     """The verdict paragraph: the edge sentence, then learned baselines, calibration and money."""
-    e = edge(result)
-    lines = [verdict_sentence(e, best_simple_name(result))]
+    e = edge_summary(result)
+    lines = [verdict_sentence(e)]
     o = result.overall
     m_acc = _finite(o[MODEL]["accuracy"])
     learned = [(n, _finite(o[n]["accuracy"])) for n in LEARNED_BASELINES]

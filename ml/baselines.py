@@ -29,6 +29,14 @@ LEARNED_BASELINES = ("logistic", "lightgbm")
 BASELINES = ("majority", "persistence", *LEARNED_BASELINES)
 
 
+def calls(p: np.ndarray, neutral_call: float) -> np.ndarray:
+    """The up/down call of each probability as the service makes it: P(up) rounded to 6 decimals
+    (what a prediction shows), up above 0.5, down below; exactly 0.5 is the service's neutral HOLD,
+    scored here as `neutral_call` (the fold's training majority class, i.e. what "no edge" earns)."""
+    q = np.round(np.asarray(p, dtype=np.float64), 6)
+    return np.where(q > 0.5, 1.0, np.where(q < 0.5, 0.0, float(neutral_call)))
+
+
 @dataclass
 class FittedBaseline:
     """A fitted baseline: `predict(X_rows, last_up)` gives calibrated P(up); `fingerprint` pins it."""
@@ -48,11 +56,12 @@ class FittedBaseline:
         z = _logits(self.name, self.model, X)
         return self.calibrator.apply(z[:, None])[:, 0] if self.calibrator else _sigmoid(z)
 
-    def hard(self, p: np.ndarray, last_up: np.ndarray) -> np.ndarray:
-        """The baseline's call (1 = up): persistence calls the rule whatever its confidence."""
+    def hard(self, p: np.ndarray, last_up: np.ndarray, neutral_call: float) -> np.ndarray:
+        """The baseline's call (1 = up): persistence calls the rule whatever its confidence; the
+        others call as the service does (see `calls`)."""
         if self.name == "persistence":
             return (last_up > 0.5).astype(np.float64)
-        return (p >= 0.5).astype(np.float64)
+        return calls(p, neutral_call)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self.params, sort_keys=True, default=str).encode())

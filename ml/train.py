@@ -38,6 +38,14 @@ from ml.metrics import base_rate_report, classification_report
 from ml.models import MODEL_TYPES, build_model, count_params
 
 
+def model_profile(settings, name: str | None = None):
+    """(name, ProfileSettings) of a model profile (default: settings.model.profile); ValueError if unknown."""
+    name = name or settings.model.profile
+    if name not in settings.model.profiles:
+        raise ValueError(f"unknown profile {name!r}; one of {', '.join(settings.model.profiles)}")
+    return name, settings.model.profiles[name]
+
+
 class TrainingCancelled(RuntimeError):
     """Raised when a cancel (should_stop) stopped the training: nothing is to be registered."""
 
@@ -107,10 +115,7 @@ class TrainConfig(BaseModel):
         model_type = model_type or overrides.pop("model_type", None) or settings.model.default_type
         if model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model type {model_type!r}; one of {', '.join(MODEL_TYPES)}")
-        profile_name = overrides.pop("profile", None) or settings.model.profile
-        if profile_name not in settings.model.profiles:
-            raise ValueError(f"unknown profile {profile_name!r}; one of {', '.join(settings.model.profiles)}")
-        prof = settings.model.profiles[profile_name]
+        profile_name, prof = model_profile(settings, overrides.pop("profile", None))
         t = settings.training
         values: dict[str, Any] = {
             "pair": pair, "model_type": model_type, "profile": profile_name,

@@ -232,8 +232,8 @@ class _Progress:
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:
-    from ml.backtest import BacktestInputError, run_backtest
-    from ml.backtest_report import best_simple_name, edge, summary_table, utc, verdict_sentence, write_report
+    from ml.backtest import BacktestInputError, edge_summary, run_backtest
+    from ml.backtest_report import summary_table, utc, verdict_sentence, write_report
     from ml.config import get_settings
     from ml.features import LookAheadError
 
@@ -255,8 +255,6 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
     result.data.update(extra)
     doc = result.to_json()
-    judged = edge(result)
-    doc["edge"] = judged
     if json_target is not None:
         _write_json(json_target, doc)
     paths = {}
@@ -275,7 +273,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
           f"{data['rows']:,} candles {utc(data['start'])} → {utc(data['end'])} UTC ({origin}), "
           f"{result.elapsed_s:.1f} s")
     print(summary_table(result))
-    print(verdict_sentence(judged, best_simple_name(result)))
+    print(verdict_sentence(edge_summary(result)))
     if json_target is not None:
         print(f"json: {json_target}")
     if paths:
