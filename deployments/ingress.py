@@ -277,7 +277,7 @@ def _version_summary(meta: dict) -> dict:
                                                                     "horizons")}}
 
 
-_LIVE_FIELDS = ("n", "accuracy", "brier", "baseRate", "baselineBrier", "nDirectional", "since", "until",
+_LIVE_FIELDS = ("n", "accuracy", "brier", "baseRate", "baselineBrier", "referenceRate", "nDirectional", "since", "until",
                 "degraded", "reason", "flagged", "flaggedAt", "retrain")
 
 
