@@ -2,7 +2,7 @@
 served predictions once their target bar has closed, keeps the live accuracy of every production
 model, and queues a retrain when one has lost its edge (SPEC §8 accuracy, issue 6).
 
-A thin shell over `ml.live_accuracy` (the rules and the bookkeeping live there). Every
+A thin shell over `ml.evaluation.live` (the rules and the bookkeeping live there). Every
 `live.resolve_interval_s` seconds, and on `tick()`, for each pair with prediction history:
 
 1. reads the records served since the last pass through the Storage actor's query;
@@ -13,7 +13,7 @@ A thin shell over `ml.live_accuracy` (the rules and the bookkeeping live there).
 4. computes the rolling numbers of the production version of every model type and stores them as
    the document `training/{PAIR}/live.json` (also through the Storage actor; the ingress reads it
    for `GET /api/models/{pair}/status`), written only when something changed;
-5. when a production version turns degraded (`ml.live_accuracy.degraded`) and was not flagged
+5. when a production version turns degraded (`ml.evaluation.live.degraded`) and was not flagged
    before, submits a retrain to the TrainingQueue actor (priority `live.retrain_priority`, source
    `degraded`). A refused submit (cooldown, paused) is retried on later passes; a version is flagged
    once the queue took the job (or already had one). The flags are in the document, so a restarted
@@ -71,7 +71,7 @@ class AccuracyMonitorActor:
     def __init__(self, *, namespace: str, name: str = MONITOR_ACTOR_NAME, data_dir: str | None = None,
                  overrides: dict[str, Any] | None = None) -> None:
         from ml.data.store import CandleStore
-        from ml.live_accuracy import SCAN_LIMIT, LiveTracker
+        from ml.evaluation.live import SCAN_LIMIT, LiveTracker
         from ml.storage.store import Storage
 
         overrides = dict(overrides or {})
@@ -204,7 +204,7 @@ class AccuracyMonitorActor:
             return summary
 
     async def _pass(self, storage, pair: str, summary: dict[str, Any]) -> None:
-        from ml.live_accuracy import degraded, reference_rate
+        from ml.evaluation.live import degraded, reference_rate
 
         tracker = self._tracker
         limit, since = tracker.query_args(pair)

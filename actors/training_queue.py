@@ -1,6 +1,6 @@
 """The TrainingQueue actor (SPEC §6): a detached, named singleton that gates Ray Train jobs.
 
-The rules live in `ml.training_queue.QueueState` (pure Python); this module is the shell:
+The rules live in `ml.queue.state.QueueState` (pure Python); this module is the shell:
 
 * State: one QueueState, restored from the Storage actor (`queue/<state_name>` document) when the
   actor (re)starts, and written back after EVERY change, in order (one writer coroutine, newest
@@ -10,7 +10,7 @@ The rules live in `ml.training_queue.QueueState` (pure Python); this module is t
 * Scheduler: an asyncio task ticks every `tick_s` (and on every change), starts what
   `QueueState.runnable()` allows as Ray tasks (`run_training_job`), and queues periodic retraining
   when `retrain_interval_minutes > 0`.
-* A job = one Ray task running `cluster.ray_train.run_torch_trainer` (which owns the TorchTrainer and
+* A job = one Ray task running `actors.trainer.run_torch_trainer` (which owns the TorchTrainer and
   its workers). Progress arrives through `report_progress` from the rank-0 worker; its reply tells
   a run that is no longer wanted to stop at the epoch boundary.
 * Registration happens inside the job's task, after it asked the queue `begin_finalize(job_id,
@@ -40,7 +40,7 @@ from typing import Any
 
 import ray
 
-from ml.training_queue import (
+from ml.queue.state import (
     ACTIVE,
     FINISHED,
     InvalidRequest,
@@ -100,8 +100,8 @@ def run_training_job(job: dict[str, Any], *, queue_actor: tuple[str, str], data_
 
     Returns {"registered": bool, ...summary}. Errors propagate (the queue retries or fails the job).
     """
-    from cluster.ray_train import run_torch_trainer
-    from ml.train import TrainConfig
+    from actors.trainer import run_torch_trainer
+    from ml.training.train import TrainConfig
 
     settings = _settings()
     data_dir = data_dir or str(settings.data_dir)
@@ -121,8 +121,8 @@ def run_training_job(job: dict[str, Any], *, queue_actor: tuple[str, str], data_
     if not ray.get(queue.begin_finalize.remote(job_id, run_id)):
         return {"registered": False, "reason": "job is no longer active (cancelled)"}
 
-    from cluster.remote_storage import RemoteStorage
-    from ml.registry import Registry
+    from actors.storage_client import RemoteStorage
+    from ml.registry.versions import Registry
 
     storage = _storage_handle(namespace, data_dir)
     meta = Registry(RemoteStorage(storage)).register(job["pair"], result, job_id=job_id)

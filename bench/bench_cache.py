@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 from bench.common import BenchResult, bench_main, p50, percentile
-from ml.cache import Cache, CacheKind, cache_key
+from ml.cache.client import Cache, CacheKind, cache_key
 
 SECTION = "cache"
 TARGET_MS = 1.0
@@ -140,7 +140,7 @@ async def _measure(url: str, repeat: int) -> list[BenchResult]:
                                    anchor, note=f"p99 {percentile(samples, 99):.1f} µs; no decode, no count"))
 
     # degraded mode: the per-replica fallback (Redis configured but unreachable; its warning is expected)
-    logging.getLogger("ml.cache").setLevel(logging.ERROR)
+    logging.getLogger("ml.cache.client").setLevel(logging.ERROR)
     async with Cache(f"redis://127.0.0.1:{_free_port()}/0", namespace="bench") as local:
         await local.set(CacheKind.PREDICTIONS, key, PAYLOAD)
         assert local.degraded

@@ -245,8 +245,8 @@ def _train_model(storage_handle) -> str:
     import ray
 
     from ml.data.sources import synthetic_candles
-    from ml.registry import Registry
-    from ml.train import TrainConfig, train_local
+    from ml.registry.versions import Registry
+    from ml.training.train import TrainConfig, train_local
 
     class Remote:
         def __getattr__(self, name):

@@ -4,7 +4,7 @@ overhead of running the same training as a Ray Train TorchTrainer job.
 * quick / full LSTM: seconds per epoch (median over the measured epochs) and training samples/s,
   on the synthetic BTC history with one torch thread (the default), plus the full profile with two
   threads. Anchor: the quick profile's epoch time.
-* Ray Train vs plain loop: wall time of `cluster.ray_train.run_torch_trainer` (1 worker, 1 CPU) against `ml.train.train_local` for the same config and epochs (data preparation, the loop,
+* Ray Train vs plain loop: wall time of `actors.trainer.run_torch_trainer` (1 worker, 1 CPU) against `ml.training.train.train_local` for the same config and epochs (data preparation, the loop,
   calibration and evaluation in both). The difference is Ray Train's fixed overhead: starting the
   controller and worker actors, the process group, shipping the dataset, per-epoch checkpoints on
   the storage volume. Target: <= 15 s.
@@ -34,7 +34,7 @@ def _candles(n_bars: int):
 
 
 def _cfg(profile: str, epochs: int, threads: int):
-    from ml.train import TrainConfig
+    from ml.training.train import TrainConfig
 
     p = {"quick": {"layers": 1, "hidden": 32, "seq_len": 30, "dropout": 0.0},
          "full": {"layers": 2, "hidden": 50, "seq_len": 60, "dropout": 0.2}}[profile]
@@ -45,7 +45,7 @@ def _cfg(profile: str, epochs: int, threads: int):
 
 def _epoch_bench(profile: str, candles, epochs: int, threads: int) -> tuple[float, float, int]:
     """(median s/epoch, median samples/s, training windows) of `epochs` epochs of fit()."""
-    from ml.train import fit, new_model, prepare_dataset
+    from ml.training.train import fit, new_model, prepare_dataset
 
     cfg = _cfg(profile, epochs, threads)
     ds = prepare_dataset(candles, cfg)
@@ -70,7 +70,7 @@ def _ensure_ray() -> bool:
 
 
 def run(quick: bool = False) -> list[BenchResult]:
-    from ml.train import train_local
+    from ml.training.train import train_local
 
     threads = 1  # the default (TrainConfig.threads = 0 -> 1 thread; one per CPU under Ray)
     n_bars = 8_000 if quick else 20_000
@@ -98,7 +98,7 @@ def run(quick: bool = False) -> list[BenchResult]:
 
     # Ray Train job vs the plain in-process loop, same config and epochs, measured alternately so
     # both see the same machine load; the least disturbed (minimum) of each is compared.
-    from cluster.ray_train import run_torch_trainer
+    from actors.trainer import run_torch_trainer
 
     cfg = _cfg("quick", epochs, threads)  # both sides use 1 thread: the Ray worker reserves 1 CPU
     rounds = 2 if quick else 3

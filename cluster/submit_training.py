@@ -17,7 +17,7 @@ From a workstation, through the dashboard's job API (the namespace is always nam
         --runtime-env-json '{"excludes": ["/.git/", "/.venv/", "/data/"]}' \
         -- python -m cluster.submit_training --pair BTC --model lstm --epochs 5 --namespace tbml
 
-`tbml train` shares this code (ml/cli/train.py).
+`tbml train` shares this code (cli/train.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ml.training_queue import COMPLETED, FAILED, InvalidRequest, TrainRequest
+from ml.queue.state import COMPLETED, FAILED, InvalidRequest, TrainRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 POLL_S = 0.5

@@ -10,7 +10,7 @@
    the Redis URL) are in the head's environment, which every Ray worker on this node inherits.
 3. The detached actors in the service's namespace: Storage, TrainingQueue, the accuracy monitor
    (`actors.accuracy_monitor`: resolves served predictions, flags degraded models) and the market
-   feed (`cluster.feed.MarketFeed`), whose first tick makes the embedded synthetic history current.
+   feed (`actors.feed.MarketFeed`), whose first tick makes the embedded synthetic history current.
 4. The Serve application of `serve_config.yaml` (`serve deploy` through the dashboard), with the
    HTTP port overridable.
 5. First training for every configured pair that has no production model yet.
@@ -709,9 +709,9 @@ def up(opts: UpOptions, out: Printer = print) -> int:
 
         ray.init(address=address, namespace=ns, log_to_driver=False, logging_level="ERROR")
         from actors.accuracy_monitor import get_or_create_monitor_actor
+        from actors.feed import get_or_create_feed
         from actors.storage import get_or_create_storage_actor
         from actors.training_queue import get_or_create_queue_actor
-        from cluster.feed import get_or_create_feed
 
         out("creating the Storage, TrainingQueue and accuracy monitor actors")
         storage = get_or_create_storage_actor(str(data_dir), ns)
@@ -880,9 +880,9 @@ def _graceful_cluster_stop(state: dict[str, Any], out: Printer, timeout_s: float
                 serve.shutdown()
                 result["serve"] = "shut down"
             from actors.accuracy_monitor import MONITOR_ACTOR_NAME
+            from actors.feed import FEED_ACTOR_NAME
             from actors.storage import ACTOR_NAME as STORAGE_NAME
             from actors.training_queue import QUEUE_ACTOR_NAME
-            from cluster.feed import FEED_ACTOR_NAME
 
             ns = state.get("namespace")
             # the monitor first: it writes through the Storage and submits to the queue
@@ -1024,8 +1024,8 @@ def _live_status(state: dict[str, Any], timeout_s: float) -> dict[str, Any]:
             ray.init(address=state["ray"]["address"], namespace=state.get("namespace"), log_to_driver=False,
                      logging_level="ERROR")
             from actors.accuracy_monitor import MONITOR_ACTOR_NAME
+            from actors.feed import FEED_ACTOR_NAME
             from actors.training_queue import QUEUE_ACTOR_NAME
-            from cluster.feed import FEED_ACTOR_NAME
 
             ns = state.get("namespace")
             try:

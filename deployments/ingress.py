@@ -25,7 +25,7 @@ failing predictor (not cached). Redis down: the cache serves from memory, health
 `GET /api/predictions` answers every pair even if some fail.
 
 Live accuracy (`/history`, `/accuracy`, the `live` block of model status): records carry their
-realized outcome (`ml.live_accuracy`), persisted by the accuracy monitor actor (which the ingress
+realized outcome (`ml.evaluation.live`), persisted by the accuracy monitor actor (which the ingress
 creates in the background when it is missing) and resolved on the fly by the same rule for what the
 monitor has not reached yet.
 
@@ -83,7 +83,7 @@ from deployments.schemas import (
     VersionsResponse,
 )
 from ml.config import PAIR_PATTERN
-from ml.live_accuracy import (
+from ml.evaluation.live import (
     apply_updates,
     bars_needed,
     degraded,
@@ -107,7 +107,7 @@ MONITOR_RETRY_S = 30.0
 
 @dataclass(frozen=True)
 class _LocalHit:
-    """A hit on the replica's L1 (shaped like ml.cache.CacheHit)."""
+    """A hit on the replica's L1 (shaped like ml.cache.client.CacheHit)."""
 
     age_s: float
     source: str = "replica"
@@ -160,11 +160,11 @@ class ReplicaMemo:
             self._items.popitem(last=False)
 
     async def _flush(self) -> None:
-        from ml.cache import CacheKind
+        from ml.cache.client import CacheKind
 
         await asyncio.sleep(1.0)
         counts, self._unflushed = self._unflushed, {}
-        add = getattr(self.cache, "_count", None)  # ml.cache's own counting path (Redis, or pending)
+        add = getattr(self.cache, "_count", None)  # ml.cache.client's own counting path (Redis, or pending)
         if add is None:
             return
         for kind, n in counts.items():
@@ -317,7 +317,7 @@ class IngressImpl:
     def __init__(self, features, predictor, args: dict[str, Any] | None = None) -> None:
         self.args = AppArgs.model_validate(args or {})
         self.settings = apply_env(self.args.replica_env())
-        from ml.cache import Cache
+        from ml.cache.client import Cache
         from ml.data.store import CandleStore
         from ml.storage.store import Storage
 
@@ -418,7 +418,7 @@ class IngressImpl:
         coverage = None
         candle_ts = None
         if self.settings.data.source == "core":
-            from ml.data.synthetic import last_closed_bar_ts
+            from ml.clock import last_closed_bar_ts
 
             candle_ts = last_closed_bar_ts(self.tf)
             coverage = {"bars": None, "start": None, "end": candle_ts, "live": True}
@@ -615,7 +615,7 @@ class IngressImpl:
     async def _predict(self, pair: str, model_type: str, horizon: int | None, bypass: bool
                        ) -> tuple[dict[str, Any], Any]:
         """(prediction, CacheHit or None) for one pair; raises ApiError only for bad input."""
-        from ml.cache import CacheKind, cache_key
+        from ml.cache.client import CacheKind, cache_key
 
         snap = await self._snap(pair)
         prod = snap.production.get(model_type)
@@ -779,7 +779,7 @@ class IngressImpl:
 
     def _resolve(self, pair: str, records: list[dict]) -> list[dict]:
         """Records with their realized outcome: the monitor's persisted resolution where it has run,
-        else resolved here on the fly by the same rule (ml.live_accuracy; not persisted, so answers
+        else resolved here on the fly by the same rule (ml.evaluation.live; not persisted, so answers
         stay fresh between monitor passes). `outcome` repeats realizedDirection for older clients."""
         if self.settings.data.source != "core":
             now = now_ms()
@@ -798,7 +798,7 @@ class IngressImpl:
     @app.get("/api/features/{pair}", response_model=FeaturesResponse, responses=E404, tags=["features"],
              summary="The latest feature row of a pair (cached per candle)")
     async def features_of(self, pair: str) -> JSON:
-        from ml.cache import CacheKind, cache_key
+        from ml.cache.client import CacheKind, cache_key
         from ml.features import FEATURE_NAMES
 
         p = self._pair(pair)
@@ -840,7 +840,7 @@ class IngressImpl:
         pairs = self._known_pairs()
         snaps = await asyncio.gather(*(self._snap(p) for p in pairs))
         now = now_ms()
-        from ml.signals import is_stale
+        from ml.serving.signals import is_stale
 
         out = []
         for pair, snap in zip(pairs, snaps, strict=True):
@@ -866,7 +866,7 @@ class IngressImpl:
     @app.get("/api/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}},
              tags=["health"], summary="Service health: components, models, cache, queue, storage")
     async def health(self) -> JSON:
-        from ml.cache import CacheKind, cache_key
+        from ml.cache.client import CacheKind, cache_key
 
         t0 = time.perf_counter()
         s = self.settings
@@ -953,7 +953,7 @@ class IngressImpl:
     @app.get("/api/models/{pair}/status", response_model=ModelStatusResponse, responses=E404, tags=["models"],
              summary="Per model type: production version, metrics, versions count, training gate")
     async def model_status(self, pair: str) -> JSON:
-        from ml.cache import CacheKind, cache_key
+        from ml.cache.client import CacheKind, cache_key
         from ml.features import N_FEATURES
 
         p = self._pair(pair)

@@ -2,7 +2,7 @@
 
 * Models: Serve model multiplexing. A model id is `PAIR:model_type:version`; the ingress sends
   each request with `multiplexed_model_id` set, so Serve routes it to a replica that already holds
-  that model, and `get_model` loads a missing one from the registry (`ml.registry.load_model` on
+  that model, and `get_model` loads a missing one from the registry (`ml.registry.versions.load_model` on
   the shared volume, read-only) and keeps at most MAX_MODELS_PER_REPLICA per replica (LRU).
   A newly promoted version is simply a new model id: the next request loads it, no restart; the
   old one ages out of the LRU.
@@ -60,7 +60,7 @@ SAMPLE_FEATURES = ("rsi_14", "macd_hist", "bb_pct_b", "stoch_k", "adx_14", "vol_
 def fallback_prediction(*, model_type: str, version: str | None, horizon: int, reason: str,
                         as_of: int | None = None, timeframe_ms: int | None = None) -> dict[str, Any]:
     """The neutral HOLD answered when there is no model, no data or an error (SPEC §8)."""
-    from ml.signals import neutral
+    from ml.serving.signals import neutral
 
     s = neutral()
     target = as_of + horizon * timeframe_ms if as_of is not None and timeframe_ms else None
@@ -118,7 +118,7 @@ class PredictorImpl:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tbml-infer",
                                             initializer=_init_inference_thread,
                                             initargs=(self.args.torch_threads,))
-        from ml.cache import Cache
+        from ml.cache.client import Cache
         from ml.storage.store import Storage
 
         self.features = direct(features, self.args.handle_grpc)
@@ -138,7 +138,7 @@ class PredictorImpl:
         """Load one version from the registry (called by Serve's LRU on a miss)."""
         pair, model_type, version = parse_model_id(mid)
         from ml.features import FEATURE_NAMES
-        from ml.registry import FeatureMismatchError, load_model
+        from ml.registry.versions import FeatureMismatchError, load_model
 
         try:
             model = await asyncio.to_thread(load_model, self.reader, pair, model_type, version)
@@ -155,8 +155,8 @@ class PredictorImpl:
     # ---------------------------------------------------------------------------------- predict
     async def predict(self, req: dict[str, Any]) -> dict[str, Any]:
         """req: {pair, modelType, version, candleTs, horizon}. See the module docstring."""
-        from ml.cache import CacheKind, cache_key
-        from ml.signals import classify, is_stale
+        from ml.cache.client import CacheKind, cache_key
+        from ml.serving.signals import classify, is_stale
 
         self.stats_["requests"] += 1
         t0 = time.perf_counter()

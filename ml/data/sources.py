@@ -14,6 +14,7 @@ import logging
 
 import pandas as pd
 
+from ml.clock import last_closed_bar_ts
 from ml.data.candles import validate_candles, validate_pair
 from ml.data.store import CandleStore
 
@@ -35,12 +36,6 @@ def _synthetic_bars_available(end_ts: int, timeframe_ms: int) -> int:
     return max(0, (end_ts - ORIGIN_TS) // timeframe_ms + 1)
 
 
-def _last_closed_bar_ts(timeframe_ms: int, now_ms: int | None = None) -> int:
-    from ml.data.synthetic import last_closed_bar_ts
-
-    return last_closed_bar_ts(timeframe_ms, now_ms)
-
-
 def synthetic_candles(pair: str, settings=None, *, bars: int | None = None, end_ts: int | None = None,
                       timeframe_ms: int | None = None) -> pd.DataFrame:
     """`bars` (default history_bars) synthetic candles ending at end_ts (default: the last closed
@@ -50,7 +45,7 @@ def synthetic_candles(pair: str, settings=None, *, bars: int | None = None, end_
     settings = _settings(settings)
     syn = settings.data.synthetic
     tf = timeframe_ms or settings.timeframe_ms
-    end = _last_closed_bar_ts(tf) if end_ts is None else int(end_ts)
+    end = last_closed_bar_ts(tf) if end_ts is None else int(end_ts)
     n = min(bars or syn.history_bars, _synthetic_bars_available(end, tf))
     return generate_candles(pair, n, seed=syn.seed, signal_strength=syn.signal_strength,
                             lookback=syn.signal_lookback, end_ts=end, timeframe_ms=tf)
@@ -99,7 +94,7 @@ def ensure_synthetic_history(pair: str, settings=None, store: CandleStore | None
     settings = _settings(settings)
     store = store or CandleStore(settings.data_dir, settings.timeframe)
     tf = store.timeframe_ms
-    end = _last_closed_bar_ts(tf, now_ms)
+    end = last_closed_bar_ts(tf, now_ms)
     cov = store.coverage(pair)
     if cov is None or not cov["bars"]:
         candles = synthetic_candles(pair, settings, end_ts=end, timeframe_ms=tf)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 import zlib
 from functools import lru_cache
 
@@ -49,6 +48,7 @@ import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 
+from ml.clock import last_closed_bar_ts
 from ml.data.candles import CANDLE_COLUMNS, empty_candles, validate_pair
 
 ORIGIN_TS = 1_735_689_600_000  # 2025-01-01T00:00:00Z, epoch ms
@@ -92,12 +92,6 @@ def pair_params(pair: str) -> tuple[float, float, float]:
     vol = float(rng.uniform(0.03, 0.07))
     turnover = float(10.0 ** rng.uniform(6.0, 8.0))
     return price, vol, turnover
-
-
-def last_closed_bar_ts(timeframe_ms: int = 300_000, now_ms: int | None = None) -> int:
-    """Open time of the last bar that has closed at `now_ms` (default: the wall clock)."""
-    now = int(time.time() * 1000) if now_ms is None else int(now_ms)
-    return (now // timeframe_ms) * timeframe_ms - timeframe_ms
 
 
 def _season(ts: np.ndarray) -> np.ndarray:

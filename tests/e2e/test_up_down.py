@@ -86,7 +86,7 @@ class Service:
         self.env = env
 
     def tbml(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ml.cli", *args], cwd=REPO, env=self.env,
+        return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
     def up(self) -> subprocess.CompletedProcess:
@@ -187,9 +187,9 @@ def _assert_stopped(svc: Service, state: dict, procs: dict[int, int]) -> None:
 def test_up_serves_feeds_and_down_leaves_nothing(service_factory, ray_cluster):
     import ray
 
+    from ml.clock import last_closed_bar_ts
     from ml.config import load_settings
     from ml.data.store import CandleStore
-    from ml.data.synthetic import last_closed_bar_ts
 
     svc = service_factory(auth=False)
     state = _assert_started(svc, svc.up())
@@ -259,7 +259,7 @@ def test_foreground_up_with_token_auth_stops_on_sigint(service_factory):
     log_path = svc.data_dir.parent / "fg.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ml.cli", "up", "--no-train", "--http-port", str(p["http"]),
+            [sys.executable, "-m", "cli", "up", "--no-train", "--http-port", str(p["http"]),
              "--dashboard-port", str(p["dashboard"]), "--ray-port", str(p["ray"]), "--redis-port", str(p["redis"]),
              "--object-store-mb", "150"],
             cwd=REPO, env=svc.env, stdout=log, stderr=subprocess.STDOUT, text=True,

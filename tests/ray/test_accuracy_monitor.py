@@ -61,9 +61,9 @@ def live(ray_cluster):
     from actors.accuracy_monitor import get_or_create_monitor_actor
     from actors.storage import get_or_create_storage_actor
     from actors.training_queue import get_or_create_queue_actor
+    from ml.clock import last_closed_bar_ts
     from ml.data.sources import synthetic_candles
     from ml.data.store import CandleStore
-    from ml.data.synthetic import last_closed_bar_ts
 
     data_dir, ns = ray_cluster["data_dir"], ray_cluster["namespace"]
     tag = uuid.uuid4().hex[:6].upper()

@@ -79,8 +79,8 @@ class _ActorStorage:
 
 def _train_and_register(pair: str, seed: int, storage) -> str:
     from ml.data.sources import synthetic_candles
-    from ml.registry import Registry
-    from ml.train import TrainConfig, train_local
+    from ml.registry.versions import Registry
+    from ml.training.train import TrainConfig, train_local
 
     cfg = TrainConfig.from_settings(pair, "lstm", epochs=1, bars=1500, seed=seed, threads=1)
     result = train_local(cfg, synthetic_candles(pair, bars=1500))
@@ -637,10 +637,10 @@ def test_served_predictions_resolve_after_the_horizon_and_the_accuracy_endpoint_
     model status count them."""
     import ray
 
-    from cluster.feed import CandleFeed
+    from actors.feed import CandleFeed
     from deployments.schemas import AccuracyResponse, HistoryResponse, ModelStatusResponse, PredictionResponse
+    from ml.clock import last_closed_bar_ts
     from ml.data.sources import synthetic_candles
-    from ml.data.synthetic import last_closed_bar_ts
 
     c, store, storage, v1 = served["client"], served["store"], served["storage"], served["v1"]
     end = last_closed_bar_ts(TF) - 12 * TF

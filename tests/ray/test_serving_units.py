@@ -22,7 +22,7 @@ from deployments.common import (
     model_id,
     parse_model_id,
 )
-from ml import signals
+from ml.serving import signals
 
 # ------------------------------------------------------------------------------------------ signals
 

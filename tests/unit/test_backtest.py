@@ -1,4 +1,4 @@
-"""Walk-forward backtest (ml.backtest): fold layout, no leakage, honest verdicts, metrics.
+"""Walk-forward backtest (ml.evaluation.backtest): fold layout, no leakage, honest verdicts, metrics.
 
 The synthetic series end at a fixed timestamp, so every number here is reproducible. The planted
 and random-walk runs use the embedded generator's defaults apart from the signal knob.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ml.backtest import NAMES, BacktestConfig, BacktestResult, plan_folds, run_backtest, score
 from ml.data.synthetic import ORIGIN_TS, generate_candles
+from ml.evaluation.backtest import NAMES, BacktestConfig, BacktestResult, plan_folds, run_backtest, score
 
 TF = 300_000
 END = ORIGIN_TS + TF * 40_000
@@ -74,7 +74,7 @@ def test_scrambled_test_labels_leave_every_fold_s_training_untouched(leak_series
     (scaler, network weights and calibration, every baseline); only the scores of that fold move."""
     import pandas as pd
 
-    from ml.datasets import make_labels
+    from ml.training.dataset import make_labels
 
     cfg = small_cfg()
     close = pd.Series(leak_series["close"].to_numpy(), index=leak_series["ts"].to_numpy())
@@ -215,7 +215,7 @@ def test_score_on_a_hand_checked_example():
 
 
 def test_calls_follow_the_service_neutral_rule():
-    from ml.backtest import calls
+    from ml.evaluation.backtest import calls
 
     p = np.array([0.7, 0.3, 0.5, 0.5000004, 0.4999996, 0.5000006])
     # 6-decimal rounding as served: the 2nd-to-4th middle values are exactly 0.5 there -> the majority call

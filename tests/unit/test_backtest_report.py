@@ -1,4 +1,4 @@
-"""`ml.backtest_report`: the Markdown + PNG report of a real (small) walk-forward backtest.
+"""`ml.evaluation.report`: the Markdown + PNG report of a real (small) walk-forward backtest.
 
 One backtest per module (3,000 synthetic bars, 2 folds, 2 epochs: a few seconds); the tests check
 that the files are there and well-formed, that every table is complete, and that the verdict says
@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml.backtest import NAMES, BacktestConfig, BacktestResult, edge_summary, run_backtest
-from ml.backtest_report import (
+from ml.data.synthetic import ORIGIN_TS, generate_candles
+from ml.evaluation.backtest import NAMES, BacktestConfig, BacktestResult, edge_summary, run_backtest
+from ml.evaluation.metrics import ece
+from ml.evaluation.report import (
     DASH,
     FILES,
     N_BINS,
@@ -32,8 +34,6 @@ from ml.backtest_report import (
     verdict_sentence,
     write_report,
 )
-from ml.data.synthetic import ORIGIN_TS, generate_candles
-from ml.metrics import ece
 from ml.storage.atomic import is_temp_file
 
 TF = 300_000

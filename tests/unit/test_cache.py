@@ -1,4 +1,4 @@
-"""ml.cache against a real redis-server (fixtures in tests/conftest.py)."""
+"""ml.cache.client against a real redis-server (fixtures in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from ml.cache import Cache, CacheHit, CacheKind, LocalTTLCache, cache_key
+from ml.cache.client import Cache, CacheHit, CacheKind, LocalTTLCache, cache_key
 from ml.config import Settings
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,7 +1,7 @@
 """`tbml backtest` end to end: a CSV no fixture was tuned on, the store, and every kind of bad input.
 
-The main run goes through `python -m ml.cli` like a user's shell (once per module: a few seconds
-on 3,000 bars, 2 folds, 2 epochs); the rest call `ml.cli.main` in-process.
+The main run goes through `python -m cli` like a user's shell (once per module: a few seconds
+on 3,000 bars, 2 folds, 2 epochs); the rest call `cli.main` in-process.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.cli import main
+from cli import main
 from ml.data.store import CandleStore
 from ml.data.synthetic import ORIGIN_TS, generate_candles
 
@@ -53,7 +53,7 @@ def cli_run(drift_csv, tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
     out, report = work / "bt.json", work / "report" / "sol"
     proc = subprocess.run(
-        [sys.executable, "-m", "ml.cli", "backtest", "--file", str(path), "--folds", "2", "--epochs", "2",
+        [sys.executable, "-m", "cli", "backtest", "--file", str(path), "--folds", "2", "--epochs", "2",
          "--seed", "11", "--horizon", "3", "--cost-bps", "5", "--json", str(out), "--report", str(report)],
         cwd=REPO, env={**os.environ, "TBML_DATA_DIR": str(work / "data")}, capture_output=True, text=True,
         timeout=300)

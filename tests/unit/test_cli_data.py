@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.cli import main
+from cli import main
 from ml.data.store import CandleStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ SUMMARY_KEYS = {"pair", "file", "format", "imported", "rejected", "rejectedTotal
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ml.cli", *args], cwd=REPO, env={**os.environ, **(env or {})},
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env={**os.environ, **(env or {})},
                           capture_output=True, text=True, timeout=120)
 
 

@@ -15,7 +15,7 @@ END = 1_767_225_600_000  # 2026-01-01T00:00Z, a fixed bar so the test never depe
 
 def _tbml(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "ml.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env,
                           timeout=120)
 
 

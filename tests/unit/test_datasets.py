@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.datasets import (
+from ml.training.dataset import (
     StandardScaler,
     build_dataset,
     chronological_split,

@@ -66,7 +66,7 @@ def iso(ts_ms: int, style: int) -> str:
 
 def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TBML_DATA_DIR": str(data_dir)}
-    return subprocess.run([sys.executable, "-m", "ml.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""ml.live_accuracy: the bar convention of resolution (pinned on a hand-built candle frame and against
+"""ml.evaluation.live: the bar convention of resolution (pinned on a hand-built candle frame and against
 the training labels), the rolling numbers on hand-checked examples, the degraded rule, and the
 monitor's incremental bookkeeping."""
 
@@ -7,8 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from ml.datasets import make_labels
-from ml.live_accuracy import (
+from ml.evaluation.live import (
     LiveTracker,
     apply_updates,
     bars_needed,
@@ -17,6 +16,7 @@ from ml.live_accuracy import (
     resolve,
     rolling_stats,
 )
+from ml.training.dataset import make_labels
 
 TF = 300_000
 T0 = 1_735_689_600_000  # 2025-01-01T00:00Z, on the bar grid
@@ -155,7 +155,7 @@ def test_window_takes_the_newest_predictions_and_each_prediction_counts_once():
 
 
 def test_reference_rate_is_the_training_up_rate_of_the_version():
-    from ml.live_accuracy import reference_rate
+    from ml.evaluation.live import reference_rate
 
     assert reference_rate({"metrics": {"baseline": {"base_rate": 0.53}}}) == 0.53
     assert reference_rate({"metrics": {}}) is None and reference_rate(None) is None

@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ml.calibration import Calibrator, fit_calibrator, sigmoid
-from ml.metrics import (
+from ml.evaluation.metrics import (
     accuracy,
     balanced_accuracy,
     base_rate_report,
@@ -17,6 +16,7 @@ from ml.metrics import (
     mcc,
     wilson_interval,
 )
+from ml.training.calibration import Calibrator, fit_calibrator, sigmoid
 
 Y = [1, 0, 1, 1]
 P = [0.9, 0.2, 0.4, 0.6]  # hard predictions 1, 0, 0, 1: tp 2, tn 1, fp 0, fn 1

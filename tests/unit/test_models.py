@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ml.models import MODEL_TYPES, PositionalEncoding, build_model, count_params
+from ml.training.nets import MODEL_TYPES, PositionalEncoding, build_model, count_params
 
 PROFILES = {"quick": {"layers": 1, "hidden": 32, "seq_len": 30, "dropout": 0.0},
             "full": {"layers": 2, "hidden": 50, "seq_len": 60, "dropout": 0.2}}

@@ -8,9 +8,9 @@ import torch
 
 from ml.data.synthetic import ORIGIN_TS, generate_candles
 from ml.features import feature_matrix
-from ml.registry import FeatureMismatchError, NoModelError, Registry, load_model, promotion_decision
+from ml.registry.versions import FeatureMismatchError, NoModelError, Registry, load_model, promotion_decision
 from ml.storage.store import Storage
-from ml.train import TrainConfig, predict_logits, state_from_bytes, train_local
+from ml.training.train import TrainConfig, predict_logits, state_from_bytes, train_local
 
 N_BARS = 2500
 
@@ -87,7 +87,7 @@ def test_first_version_not_promoted_leaves_no_production(storage, result):
 
 
 def test_reload_gives_the_same_probabilities(storage, result, candles):
-    from ml.models import build_model
+    from ml.training.nets import build_model
 
     reg = Registry(storage)
     meta = reg.register("BTC", with_briers(result, 0.2, 0.25))
@@ -100,8 +100,8 @@ def test_reload_gives_the_same_probabilities(storage, result, candles):
     model = build_model("lstm", spec["n_features"], spec["n_horizons"], layers=spec["layers"],
                         hidden=spec["hidden"], dropout=spec["dropout"], seq_len=spec["seq_len"])
     model.load_state_dict(state_from_bytes(result.state_dict))
-    from ml.calibration import Calibrator
-    from ml.datasets import StandardScaler
+    from ml.training.calibration import Calibrator
+    from ml.training.dataset import StandardScaler
 
     scaler = StandardScaler.from_json(result.scaler)
     cal = Calibrator.from_dict(result.calibration)

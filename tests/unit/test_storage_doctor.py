@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.cli import main as cli
+from cli import main as cli
 from ml.storage.atomic import TMP_MARK, backup_path, decode_json_document
 from ml.storage.store import Storage
 

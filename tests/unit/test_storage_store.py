@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.cli import main as cli
+from cli import main as cli
 from ml.storage import models as models_module
 from ml.storage import store as store_module
 from ml.storage.atomic import ChecksumError, backup_path

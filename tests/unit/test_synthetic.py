@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ml.clock import last_closed_bar_ts
 from ml.data.candles import CANDLE_COLUMNS, validate_candles
 from ml.data.synthetic import (
     MAX_ABS_DRIFT,
     ORIGIN_TS,
     YEAR_MS,
     generate_candles,
-    last_closed_bar_ts,
     planted_rule,
     rule_accuracy,
 )

@@ -5,8 +5,8 @@ import pytest
 
 from ml.config import load_settings
 from ml.data.synthetic import ORIGIN_TS, generate_candles, rule_accuracy
-from ml.registry import promotion_decision
-from ml.train import (
+from ml.registry.versions import promotion_decision
+from ml.training.train import (
     TrainConfig,
     TrainingCancelled,
     fit,
@@ -103,7 +103,7 @@ def test_early_stopping_restores_the_best_weights(small_dataset):
     assert [e["epoch"] for e in seen] == list(range(1, r.epochs_run + 1))
     assert {"epoch", "total", "loss", "val_loss", "elapsed_s", "eta_s"} <= set(seen[0])
     assert r.best_val_loss == min(e["val_loss"] for e in seen)
-    from ml.train import _bce, predict_logits
+    from ml.training.train import _bce, predict_logits
 
     assert _bce(predict_logits(model, ds.X_val), ds.y_val.astype(float)) == pytest.approx(r.best_val_loss)
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from ml.training_queue import (
+from ml.queue.state import (
     ACCEPTED,
     ACTIVE,
     CANCELLED,
@@ -482,7 +482,7 @@ def test_follow_prints_one_line_per_change_and_maps_exit_codes():
 def test_result_summary_tolerates_partial_records():
     from types import SimpleNamespace
 
-    from ml.training_queue import result_summary
+    from ml.queue.state import result_summary
 
     res = SimpleNamespace(metrics={"model": {"accuracy": 0.55, "brier": 0.245}, "baseline": {"brier": 0.25}},
                           epochs_run=3, stopped="completed", train_seconds=1.234)
@@ -495,7 +495,7 @@ def test_result_summary_tolerates_partial_records():
 
 
 def test_tbml_train_bad_input_exits_2_without_touching_a_cluster(capsys):
-    from ml.cli import main
+    from cli import main
 
     assert main(["train", "--pair", "btc"]) == 2
     assert "invalid pair" in capsys.readouterr().err

@@ -6,7 +6,7 @@
 * `folds.png`: accuracy per fold, the model with its Wilson interval, next to every baseline;
 * `returns.png`: the cumulative return of acting on the signals, net of the cost per trade.
 
-The verdict in the report is derived from the numbers (`ml.backtest.edge_summary`), never written
+The verdict in the report is derived from the numbers (`ml.evaluation.backtest.edge_summary`), never written
 by hand, so a report cannot claim more than the data shows. Plots use matplotlib's Agg canvas
 directly (no pyplot, no global backend switch), so this module is safe to call from any process.
 Every file is written atomically (`ml.storage.atomic`): a reader never sees half a report.
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ml.backtest import MODEL, NAMES, BacktestResult, edge_summary
-from ml.baselines import LEARNED_BASELINES
+from ml.evaluation.backtest import MODEL, NAMES, BacktestResult, edge_summary
+from ml.evaluation.baselines import LEARNED_BASELINES
 from ml.storage.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -351,7 +351,7 @@ def render_markdown(result: BacktestResult, *, title: str | None = None,
 def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS) -> dict[str, np.ndarray]:
     """Per equal-width bin of P(up): count, mean prediction, observed up-rate (NaN where empty).
 
-    Same binning as ml.metrics.ece (left-closed, p = 1 in the last bin), so the plot shows what ECE sums.
+    Same binning as ml.evaluation.metrics.ece (left-closed, p = 1 in the last bin), so the plot shows what ECE sums.
     """
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)

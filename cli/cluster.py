@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from ml.cli import UsageError
+from cli import UsageError
 
 
 def _port(value: str) -> int:

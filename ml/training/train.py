@@ -2,10 +2,10 @@
 
 candles -> feature matrix -> purged chronological train/val/test windows (scaler fitted on train
 rows only) -> mini-batch training with early stopping on the validation loss (best weights
-restored) -> calibration on validation (ml.calibration) -> test metrics against the base-rate
-baseline (ml.metrics) -> a TrainResult that the registry stores as a model version.
+restored) -> calibration on validation (ml.training.calibration) -> test metrics against the base-rate
+baseline (ml.evaluation.metrics) -> a TrainResult that the registry stores as a model version.
 
-`fit` is the one training loop. `train_local` runs it in-process; `cluster.ray_train` runs the
+`fit` is the one training loop. `train_local` runs it in-process; `actors.trainer` runs the
 same function inside Ray Train workers (with a shard of the training rows per worker and a DDP
 model when there are several) and then calls the same `calibrate_and_evaluate` on the driver.
 
@@ -31,11 +31,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from ml.calibration import Calibrator, fit_calibrator
 from ml.config import PAIR_PATTERN
-from ml.datasets import Dataset, build_dataset
-from ml.metrics import base_rate_report, classification_report
-from ml.models import MODEL_TYPES, build_model, count_params
+from ml.evaluation.metrics import base_rate_report, classification_report
+from ml.training.calibration import Calibrator, fit_calibrator
+from ml.training.dataset import Dataset, build_dataset
+from ml.training.nets import MODEL_TYPES, build_model, count_params
 
 
 def model_profile(settings, name: str | None = None):
@@ -195,7 +195,7 @@ def pack_dataset(dataset: Dataset, splits: tuple[str, ...] = ("train", "val", "t
 
 def unpack_dataset(packed: dict) -> Dataset:
     """The Dataset of pack_dataset (windows as read-only views over the shipped row blocks)."""
-    from ml.datasets import SplitIndices, StandardScaler
+    from ml.training.dataset import SplitIndices, StandardScaler
 
     seq_len = int(packed["seq_len"])
     arrays: dict[str, np.ndarray] = {}

@@ -1,7 +1,7 @@
 """The model registry and the model loader used by serving (SPEC §5). Ray-free.
 
 `Registry(storage)` works on anything with the Storage model methods: `ml.storage.store.Storage`
-in-process, or `cluster.remote_storage.RemoteStorage`, which forwards the same calls to the Storage
+in-process, or `actors.storage_client.RemoteStorage`, which forwards the same calls to the Storage
 actor (the single writer of the shared volume).
 
 A version (`v{UTC yyyymmddHHMMSS}-{8 hex of the weights' sha256}`) holds:
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from ml.calibration import Calibrator
-from ml.datasets import StandardScaler
+from ml.training.calibration import Calibrator
+from ml.training.dataset import StandardScaler
 
 WEIGHTS_FILE = "weights.pt"
 SCALER_FILE = "scaler.json"
@@ -249,8 +249,8 @@ def load_model(storage, pair: str, model_type: str, version: str | None = None) 
     """Load `version` (default: the production version) of pair/model_type for inference."""
     import torch
 
-    from ml.models import build_model
-    from ml.train import state_from_bytes
+    from ml.training.nets import build_model
+    from ml.training.train import state_from_bytes
 
     if version is None:
         prod = storage.get_production(pair, model_type)

@@ -17,7 +17,7 @@ every feature is causal, so `run_backtest` first checks exactly that on the data
 Scores (per fold and pooled over all test rows) for the model and every baseline: n, accuracy with
 its Wilson 95 % interval, balanced accuracy, MCC, Brier, log loss, ECE, and the rate and accuracy
 of the signals that are not HOLD. `equity_curves` turns the signals into the cumulative return of
-acting on them net of a cost per trade. Ray-free; the CLI is `ml.cli.backtest`.
+acting on them net of a cost per trade. Ray-free; the CLI is `cli.backtest`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ml.baselines import (
+from ml.data.candles import infer_timeframe_ms
+from ml.evaluation.baselines import (
     BASELINES,
     FittedBaseline,
     calls,
@@ -43,10 +44,9 @@ from ml.baselines import (
     fit_majority,
     fit_persistence,
 )
-from ml.data.candles import infer_timeframe_ms
-from ml.datasets import StandardScaler, make_labels, windows_at
-from ml.metrics import balanced_accuracy, brier, ece, log_loss, mcc, wilson_interval
-from ml.models import MODEL_TYPES
+from ml.evaluation.metrics import balanced_accuracy, brier, ece, log_loss, mcc, wilson_interval
+from ml.training.dataset import StandardScaler, make_labels, windows_at
+from ml.training.nets import MODEL_TYPES
 
 MODEL = "model"
 NAMES = (MODEL, *BASELINES)
@@ -128,7 +128,7 @@ class BacktestConfig(BaseModel):
             from ml.config import get_settings
 
             settings = get_settings()
-        from ml.train import model_profile
+        from ml.training.train import model_profile
 
         overrides = {k: v for k, v in overrides.items() if v is not None}
         b = settings.backtest
@@ -294,9 +294,9 @@ def _train_network(cfg: BacktestConfig, Xs: np.ndarray, y: np.ndarray, plan: Fol
 
     Returns (P(up) on the test rows, calibrator, fingerprint, fit info).
     """
-    from ml.calibration import fit_calibrator
-    from ml.datasets import Dataset, SplitIndices
-    from ml.train import TrainConfig, deterministic, fit, new_model, predict_logits, state_to_bytes
+    from ml.training.calibration import fit_calibrator
+    from ml.training.dataset import Dataset, SplitIndices
+    from ml.training.train import TrainConfig, deterministic, fit, new_model, predict_logits, state_to_bytes
 
     # the fields both configs have mean the same, except the split's purge and validation share
     shared = (set(TrainConfig.model_fields) & set(BacktestConfig.model_fields)) - {"purge", "val_fraction"}

@@ -26,13 +26,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.cli import UsageError
+from cli import UsageError
 from ml.data.files import FORMATS
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ml.backtest import BacktestConfig
+    from ml.evaluation.backtest import BacktestConfig
 
 # BacktestConfig field -> the option that sets it (for one-line validation messages)
 OPTION_OF = {"model_type": "--model", "horizon": "--horizon", "folds": "--folds", "train_bars": "--train-bars",
@@ -72,8 +72,8 @@ def _config(args: argparse.Namespace, settings) -> BacktestConfig:
     """The run's configuration; every invalid option becomes one UsageError line naming the option."""
     from pydantic import ValidationError
 
-    from ml.backtest import BacktestConfig
-    from ml.models import MODEL_TYPES
+    from ml.evaluation.backtest import BacktestConfig
+    from ml.training.nets import MODEL_TYPES
 
     if args.model is not None and args.model not in MODEL_TYPES:
         raise UsageError(f"unknown model {args.model!r}; one of {', '.join(MODEL_TYPES)}")
@@ -232,9 +232,9 @@ class _Progress:
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:
-    from ml.backtest import BacktestInputError, edge_summary, run_backtest
-    from ml.backtest_report import summary_table, utc, verdict_sentence, write_report
     from ml.config import get_settings
+    from ml.evaluation.backtest import BacktestInputError, edge_summary, run_backtest
+    from ml.evaluation.report import summary_table, utc, verdict_sentence, write_report
     from ml.features import LookAheadError
 
     settings = get_settings()

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from ml.cli import UsageError
+from cli import UsageError
 
 
 def _data_dir(args: argparse.Namespace) -> Path:

@@ -11,7 +11,7 @@ Every baseline answers P(up) per row, so all of them are scored with the same me
   strongest usual tabular baseline.
 
 The learned baselines are calibrated on the validation rows like the neural model
-(`ml.calibration`), so a difference in Brier score is a difference in skill, not in calibration.
+(`ml.training.calibration`), so a difference in Brier score is a difference in skill, not in calibration.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ml.calibration import Calibrator, fit_calibrator
+from ml.training.calibration import Calibrator, fit_calibrator
 
 LEARNED_BASELINES = ("logistic", "lightgbm")
 BASELINES = ("majority", "persistence", *LEARNED_BASELINES)

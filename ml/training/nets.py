@@ -2,7 +2,7 @@
 
 Every model maps a window of feature rows, shape (N, seq_len, n_features), to one LOGIT per
 configured horizon, shape (N, n_horizons). P(up) is sigmoid(logit) after calibration (see
-ml.calibration); the models themselves never apply the sigmoid, so training can use the
+ml.training.calibration); the models themselves never apply the sigmoid, so training can use the
 numerically stable BCEWithLogitsLoss.
 
 * ``lstm`` / ``gru`` - a stacked recurrent net; the hidden state after the last row feeds a linear head.

@@ -1,21 +1,21 @@
-"""Training as a Ray Train job: a TorchTrainer around the Ray-free loop of ml.train (SPEC §5).
+"""Training as a Ray Train job: a TorchTrainer around the Ray-free loop of ml.training.train (SPEC §5).
 
 run_torch_trainer() does, on the driver:
   1. load the candles (the configured source; `files` reads the candle store under data_dir) and
-     build the Dataset once (ml.train.prepare_dataset),
-  2. put its compact form (ml.train.pack_dataset: train + validation only) in the object store,
+     build the Dataset once (ml.training.train.prepare_dataset),
+  2. put its compact form (ml.training.train.pack_dataset: train + validation only) in the object store,
   3. start a TorchTrainer with ScalingConfig(num_workers, CPU only, resources_per_worker) and
      RunConfig(name=run_name, storage_path=data_dir/"ray_results"). Each worker runs
-     ml.train.fit on its shard of every epoch (DDP via ray.train.torch.prepare_model when there
+     ml.training.train.fit on its shard of every epoch (DDP via ray.train.torch.prepare_model when there
      are several workers) and calls ray.train.report every epoch with the epoch metrics; rank 0
      attaches a checkpoint (state.pt: weights, optimizer, best weights, counters) and, if a
      progress actor is named, sends it {epoch, total, loss, val_loss, eta_s},
   4. load the best weights from the last checkpoint and calibrate + evaluate on the driver with
-     ml.train.build_result, exactly as train_local does.
+     ml.training.train.build_result, exactly as train_local does.
 
 Cancel: if the progress actor's report_progress returns "cancel"/"stop" or a dict with a true
 "cancel" or "stop", every worker stops at that epoch boundary and run_torch_trainer raises
-ml.train.TrainingCancelled (nothing to register). Killing the task that runs run_torch_trainer
+ml.training.train.TrainingCancelled (nothing to register). Killing the task that runs run_torch_trainer
 also stops the run (Ray tears the workers down with the controller).
 
 Resume: a run directory with the same run_name under storage_path holds Ray Train's checkpoint
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ml.train import (
+from ml.training.train import (
     FitResult,
     TrainConfig,
     TrainingCancelled,

@@ -6,7 +6,7 @@
         Exit 0 queued/completed, 1 failed/cancelled, 2 refused (duplicate, cooldown, paused) or no
         running queue.
     tbml train --local --pair P [--model lstm] [--epochs N] [--bars B] [--data-dir D]
-        Trains in this process without a cluster (ml.train.train_local), registers the version in
+        Trains in this process without a cluster (ml.training.train.train_local), registers the version in
         the local data directory and prints the metrics as JSON.
 
 Shares its request options and follow loop with cluster/submit_training.py.
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from ml.cli import UsageError
+from cli import UsageError
 
 
 def register(subparsers) -> None:
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.submit_training import QueueNotRunning, request_from_args
-    from ml.training_queue import InvalidRequest
+    from ml.queue.state import InvalidRequest
 
     try:
         request = request_from_args(args)
@@ -64,9 +64,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_local(args: argparse.Namespace, request) -> int:
     from ml.config import get_settings
-    from ml.registry import Registry
+    from ml.registry.versions import Registry
     from ml.storage.store import Storage
-    from ml.train import TrainConfig, train_local
+    from ml.training.train import TrainConfig, train_local
 
     settings = get_settings()
     data_dir = Path(args.data_dir) if args.data_dir else Path(settings.data_dir)
@@ -88,7 +88,7 @@ def _train_local(args: argparse.Namespace, request) -> int:
 
     result = train_local(cfg, settings=settings, store=CandleStore(data_dir, settings.timeframe), on_epoch=on_epoch)
     meta = Registry(storage).register(request.pair, result)
-    from ml.training_queue import result_summary
+    from ml.queue.state import result_summary
 
     out = {"pair": request.pair, "modelType": request.model_type, **result_summary(meta, result),
            "metrics": result.metrics}  # the full evaluation: model, baseline, per horizon, calibration

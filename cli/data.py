@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ml.cli import UsageError
+from cli import UsageError
 from ml.config import TIMEFRAME_MS
 from ml.data.files import FORMATS
 from ml.pairs import InvalidPairError, validate_pair
@@ -106,8 +106,9 @@ def write_candles_csv(path: Path, candles: pd.DataFrame) -> str:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from ml.clock import last_closed_bar_ts
     from ml.config import get_settings
-    from ml.data.synthetic import MAX_ABS_DRIFT, generate_candles, last_closed_bar_ts
+    from ml.data.synthetic import MAX_ABS_DRIFT, generate_candles
 
     settings = get_settings()
     pairs = [p for p in (s.strip() for s in args.pairs.split(",")) if p]

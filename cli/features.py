@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _candles(args: argparse.Namespace):
-    from ml.cli import UsageError
+    from cli import UsageError
     from ml.config import get_settings
     from ml.data.files import CandleFileError, import_file
     from ml.data.sources import load_candles
@@ -50,7 +50,7 @@ def _candles(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ml.cli import UsageError
+    from cli import UsageError
     from ml.features import FEATURE_NAMES, WARMUP_BARS, feature_matrix, feature_names_hash
 
     candles, origin = _candles(args)

@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         try:
-            module = importlib.import_module(f"ml.cli.{name}")
+            module = importlib.import_module(f"cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"ml.cli.{name}":
+            if exc.name == f"cli.{name}":
                 continue  # command group not built yet
             raise
         module.register(sub)
