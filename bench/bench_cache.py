@@ -1,4 +1,4 @@
-"""Redis cached read from Python (SPEC §10: p50 <= 1 ms), beside an in-process dict read.
+"""Redis cached read from Python (target: a cache hit p50 <= 1 ms), beside an in-process dict read.
 
 Starts its own redis-server on a free port (nothing shared with the tests) and stops it at the end.
 Run: `python -m bench.bench_cache [--quick] [--json]`.

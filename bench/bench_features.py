@@ -1,4 +1,6 @@
-"""Feature benchmark (SPEC §10): full matrix for 1,000 and 10,000 candles, serving window.
+"""Feature benchmark: full matrix for 1,000 and 10,000 candles, serving window.
+
+Targets: the matrix of 1,000 candles in <= 10 ms, the serving window in <= 5 ms (p50).
 
 Each figure is the p50 wall time of one call, beside an anchor measured in the same run: the time
 TA-Lib alone takes for the same indicators on the same candles (the talib functions the matrix

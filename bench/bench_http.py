@@ -1,4 +1,4 @@
-"""HTTP serving benchmark (SPEC §10): the Serve app of serve_config.yaml under a loopback load generator.
+"""HTTP serving benchmark: the Serve app of serve_config.yaml under a loopback load generator.
 
 What it does, all on this machine and torn down at the end:
 
@@ -16,6 +16,10 @@ What it does, all on this machine and torn down at the end:
    predictions `GET /api/predictions/BTC`, uncached predictions `...?bypassCache=true` and features
    `GET /api/features/BTC`. Latency p50/p99, throughput and errors (non-200, or a prediction that
    is a fallback). Every figure sits beside the no-op route of the same run.
+
+Targets, each against the no-op route of the same run: cached prediction p50 <= 1.3x the no-op's,
+uncached prediction p50 <= 2.5x, prediction throughput at 32 clients >= 0.6x the no-op's; no errors;
+the idle cluster <= 3 GB.
 
 The load generator shares the 2 cores with the cluster, as a client on the same host would.
 Run: `python -m bench.bench_http [--quick] [--json]` (or `make bench`).

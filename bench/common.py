@@ -20,7 +20,7 @@ class BenchResult:
     unit: str               # "ms", "records/s", ...
     anchor_name: str = ""   # what it is compared with, measured in the same run
     anchor_value: float | None = None
-    target: str = ""        # the SPEC §10 target in words, e.g. "<= 10 ms"
+    target: str = ""        # the performance target in words, e.g. "<= 10 ms"
     ok: bool | None = None  # whether the target was met (None when there is no target)
     note: str = ""
 
