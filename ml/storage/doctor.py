@@ -23,8 +23,9 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ml.clock import now_ms
 from ml.storage.atomic import (
     BACKUP_SUFFIX,
     ChecksumError,
@@ -35,13 +36,9 @@ from ml.storage.atomic import (
     sha256_hex,
     verify_json_document,
 )
-from ml.storage.models import META_NAME, PRODUCTION_NAME
+from ml.storage.models import META_NAME, PRODUCTION_NAME, ModelStore
 from ml.storage.paths import CATEGORIES, DOCUMENT_CATEGORIES, QUARANTINE_DIR, WRITER_LOCK_NAME
-from ml.storage.predictions import SEGMENT_RE
-
-if TYPE_CHECKING:
-    from ml.storage.store import Storage
-
+from ml.storage.predictions.segments import SEGMENT_RE
 
 
 def is_document(rel: Path) -> bool:
@@ -57,9 +54,9 @@ def is_document(rel: Path) -> bool:
 
 
 class _Doctor:
-    def __init__(self, storage: Storage, repair: bool, temp_grace_seconds: float) -> None:
-        self.s = storage
-        self.root = storage.data_dir
+    def __init__(self, root: Path, models: ModelStore, repair: bool, temp_grace_seconds: float) -> None:
+        self.root = root
+        self.models = models
         self.repair = repair
         self.grace = temp_grace_seconds
         self.now = time.time()
@@ -205,7 +202,7 @@ class _Doctor:
                          fixable=True, fix=lambda: self.quarantine(bak), action="quarantined")
 
     def check_models(self) -> None:
-        models = self.s.models
+        models = self.models
         for pair, mt in models.model_keys():
             versions = models.version_ids(pair, mt)
             prod_version = self.production_version(models.type_dir(pair, mt))
@@ -263,7 +260,7 @@ class _Doctor:
         t0 = time.perf_counter()
         # Ages of the version directories before any repair touches them (removing a temp file from a
         # directory makes it look freshly modified).
-        models = self.s.models
+        models = self.models
         self.settled = {models.version_dir(p, m, v): self.old_enough(models.version_dir(p, m, v))
                         for p, m in models.model_keys() for v in models.version_ids(p, m)}
         self.check_dirs()
@@ -294,7 +291,7 @@ class _Doctor:
             "checked": self.checked,
             "inFlightTemp": self.in_flight,
             "durationMs": round((time.perf_counter() - t0) * 1000, 3),
-            "timestamp": int(time.time() * 1000),
+            "timestamp": now_ms(),
         }
 
 
@@ -305,5 +302,10 @@ def _read_or_empty(path: Path) -> bytes:
         return b""
 
 
-def run_doctor(storage: Storage, *, repair: bool = False, temp_grace_seconds: float = 60.0) -> dict[str, Any]:
-    return _Doctor(storage, repair, temp_grace_seconds).run()
+def run_doctor(data_dir: Path, models: ModelStore, *, repair: bool = False,
+               temp_grace_seconds: float = 60.0) -> dict[str, Any]:
+    """Check `data_dir` (its model versions through `models`); with `repair`, fix what can be fixed.
+
+    The caller serialises this with its writes (Storage.doctor holds its locks meanwhile).
+    """
+    return _Doctor(Path(data_dir), models, repair, temp_grace_seconds).run()

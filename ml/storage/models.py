@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from ml.clock import now_ms
 from ml.storage.atomic import (
     TMP_MARK,
     ChecksumError,
@@ -47,10 +47,6 @@ class ProductionVersionError(ValueError):
 
 class VersionNotFoundError(FileNotFoundError):
     """No complete version with this id."""
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class ModelStore:
@@ -132,7 +128,7 @@ class ModelStore:
             atomic_write_bytes(paths[name], bytes(data))
         full = dict(meta)
         full.update({"pair": pair, "modelType": model_type, "version": version, "files": digests,
-                     "savedAt": _now_ms()})
+                     "savedAt": now_ms()})
         atomic_write_json(vdir / META_NAME, full)  # last: the version is visible only when complete
         return full
 
@@ -154,7 +150,7 @@ class ModelStore:
         current = self.get_production(pair, model_type)
         if current and current.get("version") == version and current.get("reason") == reason:
             return current  # already production for this reason (also makes retries harmless)
-        now = _now_ms()
+        now = now_ms()
         history = list((current or {}).get("history", []))
         history.append({"version": version, "promotedAt": now, "reason": reason})
         pointer = {"pair": pair, "modelType": model_type, "version": version, "promotedAt": now,

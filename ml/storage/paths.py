@@ -12,7 +12,7 @@ Layout::
     models/{PAIR}/{model_type}/{version}/meta.json   + weight files (weights.pt, scaler.json, ...)
     models/{PAIR}/{model_type}/production.json    pointer to the production version
     training/history.json                         bounded list of training job records
-    predictions/{PAIR}/seg_*.json                 immutable prediction segments (see predictions.py)
+    predictions/{PAIR}/seg_*.json                 immutable prediction segments (predictions/segments.py)
     queue/state.json                              TrainingQueue state
     quarantine/...                                files `doctor --repair` moved aside
 """

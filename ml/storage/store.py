@@ -6,7 +6,7 @@ replaced atomically (ml.storage.atomic), so they never see a partial file, and a
 instance never writes (not even to restore a damaged file from its backup).
 
 Thread-safe: document, model and training writes are serialised by one lock; prediction appends
-only touch an in-memory buffer (see ml.storage.predictions).
+only touch an in-memory buffer (see ml.storage.predictions.log).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from ml.clock import now_ms
 from ml.storage.atomic import (
     BACKUP_SUFFIX,
     ChecksumError,
@@ -30,6 +31,7 @@ from ml.storage.atomic import (
     is_temp_file,
     read_json_document,
 )
+from ml.storage.doctor import run_doctor
 from ml.storage.models import META_NAME, PRODUCTION_NAME, ModelStore
 from ml.storage.paths import (
     CATEGORIES,
@@ -41,7 +43,7 @@ from ml.storage.paths import (
     document_file_name,
     safe_path,
 )
-from ml.storage.predictions import PredictionLog, now_ms
+from ml.storage.predictions.log import PredictionLog
 
 log = logging.getLogger(__name__)
 
@@ -385,12 +387,11 @@ class Storage:
 
     def doctor(self, repair: bool = False, *, temp_grace_seconds: float = 60.0) -> dict:
         """Check the data directory; with `repair`, fix what can be fixed. See ml.storage.doctor."""
-        from ml.storage.doctor import run_doctor
-
         if repair:
             self._require_writable()
         with self._lock, self.predictions._io_lock:
-            report = run_doctor(self, repair=repair, temp_grace_seconds=temp_grace_seconds)
+            report = run_doctor(self.data_dir, self.models, repair=repair,
+                                temp_grace_seconds=temp_grace_seconds)
             if repair:
                 self.predictions.forget_caches()
         return report

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ml.storage import predictions as predictions_module
-from ml.storage.predictions import Segment, split_live
+from ml.storage.predictions import segments as segments_module
+from ml.storage.predictions.segments import Segment, split_live
 from ml.storage.store import Storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,17 +185,17 @@ def test_failed_flush_keeps_records_buffered(tmp_path: Path, monkeypatch):
     s = make(tmp_path, flush_count=1000)
     for i in range(5):
         s.append_prediction({"pair": "BTC", "timestamp": i})
-    real = predictions_module.atomic_write_json
+    real = segments_module.atomic_write_json
 
     def failing(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(predictions_module, "atomic_write_json", failing)
+    monkeypatch.setattr(segments_module, "atomic_write_json", failing)
     with pytest.raises(OSError):
         s.flush()
     assert s.predictions.buffered == 5
     assert len(s.query_predictions("BTC", limit=None)) == 5
-    monkeypatch.setattr(predictions_module, "atomic_write_json", real)
+    monkeypatch.setattr(segments_module, "atomic_write_json", real)
     assert s.flush() == 5
     assert Storage.reader(s.data_dir).count_predictions("BTC") == 5
 
@@ -250,20 +250,20 @@ def test_flush_where_one_pair_fails_rebuffers_only_that_pair(tmp_path: Path, mon
     for i in range(4):
         for pair in ("BTC", "ETH", "XMR"):
             s.append_prediction({"pair": pair, "timestamp": i})
-    real = predictions_module.atomic_write_json
+    real = segments_module.atomic_write_json
 
     def eth_fails(path, *a, **k):
         if "/ETH/" in str(path):
             raise OSError("bad sector")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(predictions_module, "atomic_write_json", eth_fails)
+    monkeypatch.setattr(segments_module, "atomic_write_json", eth_fails)
     with pytest.raises(OSError, match="bad sector"):
         s.flush()
     assert s.predictions.buffered == 4
     reader = Storage.reader(s.data_dir)
     assert [reader.count_predictions(p) for p in ("BTC", "ETH", "XMR")] == [4, 0, 4]
-    monkeypatch.setattr(predictions_module, "atomic_write_json", real)
+    monkeypatch.setattr(segments_module, "atomic_write_json", real)
     assert s.flush() == 4
     assert [reader.count_predictions(p) for p in ("BTC", "ETH", "XMR")] == [4, 4, 4]
     assert [s.count_predictions(p) for p in ("BTC", "ETH", "XMR")] == [4, 4, 4]

@@ -134,7 +134,7 @@ def test_cleanup_removes_old_records_and_versions_never_production(storage: Stor
     now = store_module.now_ms()
     clock = {"t": now - 100 * HOUR_MS}
     monkeypatch.setattr(store_module, "now_ms", lambda: clock["t"])
-    monkeypatch.setattr(models_module, "_now_ms", lambda: clock["t"])
+    monkeypatch.setattr(models_module, "now_ms", lambda: clock["t"])
     for i in range(6):  # v0 (oldest) .. v5, each an hour apart, 100..95 hours ago
         storage.save_model_version("BTC", "lstm", f"v{i}", {}, {"weights.pt": b"w"})
         clock["t"] += HOUR_MS

@@ -1,16 +1,7 @@
-"""Prediction history: records buffered in memory, flushed in batches as immutable segment files.
+"""The buffered prediction log: records held in memory, flushed in batches as segment files.
 
-On disk, `predictions/{PAIR}/seg_{lo}_{hi}_{minTs}_{maxTs}_{count}.json` is a checksummed JSON
-document (written with atomic_write_json) holding `{"pair", "seqLo", "seqHi", "records": [...]}`.
-Each flush writes one new segment per pair with the next sequence number (lo == hi). The name
-carries what a query needs to skip a segment without opening it.
-
-Compaction merges a run of consecutive small segments into one whose sequence range covers them;
-cleanup rewrites a segment without its old records under the same range. Both write the new file
-before deleting the old ones, so a crash in between leaves files whose ranges overlap: a segment
-whose range is covered by another's is *superseded* and ignored (for an equal range the one with
-fewer records wins — only cleanup produces equal ranges, and it only removes records). Readers in
-other processes therefore always see a consistent set, whatever moment a writer died.
+Each flush writes one new segment per pair with the next sequence number (lo == hi); segment files
+are described in segments.py, compaction and cleanup in maintenance.py.
 
 Ordering: newest first means by `timestamp` descending, ties broken by arrival order (later first).
 `since` keeps records with `timestamp >= since`.
@@ -26,30 +17,22 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import re
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ml.storage.atomic import (
-    BACKUP_SUFFIX,
-    ChecksumError,
-    atomic_write_json,
-    backup_path,
-    fsync_dir,
-    read_json_document,
-)
+from ml.storage.atomic import ChecksumError
 from ml.storage.paths import check_pair, safe_path
+from ml.storage.predictions.maintenance import cleanup_segments, compact_segments, is_small
+from ml.storage.predictions.segments import Segment, list_segments, read_segment, write_segment
 
 log = logging.getLogger(__name__)
 
-SEGMENT_RE = re.compile(r"seg_(\d{10})_(\d{10})_(\d+)_(\d+)_(\d+)\.json")
 RECENT_IDS_PER_PAIR = 20_000
 FLUSH_THREADS = 4
 _ARRIVAL = 1 << 62  # sequence number given to records still in the buffer: newer than any segment
@@ -57,47 +40,6 @@ _ARRIVAL = 1 << 62  # sequence number given to records still in the buffer: newe
 
 def new_record_id() -> str:
     return uuid.uuid4().hex
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass(frozen=True, order=True)
-class Segment:
-    lo: int
-    hi: int
-    min_ts: int
-    max_ts: int
-    count: int
-    name: str
-
-    @classmethod
-    def parse(cls, name: str) -> Segment | None:
-        m = SEGMENT_RE.fullmatch(name)
-        if not m:
-            return None
-        lo, hi, mn, mx, count = (int(g) for g in m.groups())
-        return cls(lo, hi, mn, mx, count, name) if lo <= hi else None
-
-    @staticmethod
-    def file_name(lo: int, hi: int, min_ts: int, max_ts: int, count: int) -> str:
-        return f"seg_{lo:010d}_{hi:010d}_{min_ts}_{max_ts}_{count}.json"
-
-
-def split_live(segments: Iterable[Segment]) -> tuple[list[Segment], list[Segment]]:
-    """(live, superseded): a segment is superseded when another's sequence range covers it."""
-    ordered = sorted(segments, key=lambda s: (s.lo, -s.hi, s.count, s.name))
-    live: list[Segment] = []
-    dead: list[Segment] = []
-    max_hi = -1
-    for seg in ordered:
-        if seg.hi <= max_hi:
-            dead.append(seg)
-        else:
-            live.append(seg)
-            max_hi = seg.hi
-    return live, dead
 
 
 def validate_record(record: Any) -> dict:
@@ -178,11 +120,7 @@ class PredictionLog:
 
     def segments(self, pair: str) -> tuple[list[Segment], list[Segment]]:
         """(live, superseded) segments of a pair, read from the directory listing."""
-        d = self.pair_dir(pair)
-        if not d.is_dir():
-            return [], []
-        segs = [s for s in (Segment.parse(p.name) for p in d.iterdir()) if s is not None]
-        return split_live(segs)
+        return list_segments(self.pair_dir(pair))
 
     def _live_segments(self, pair: str) -> list[Segment]:
         """Live segments of a pair (caller holds the IO lock): cached in the writer, listed in readers."""
@@ -199,8 +137,7 @@ class PredictionLog:
         return list(cached)
 
     def _read_segment(self, d: Path, seg: Segment) -> list[dict]:
-        data = read_json_document(d / seg.name, restore=self.writable)
-        return list(data.get("records", [])) if isinstance(data, dict) else []
+        return read_segment(d, seg, restore=self.writable)
 
     # ---- append and flush -------------------------------------------------------------------
     def _load_recent_ids(self, pair: str) -> tuple[deque, set]:
@@ -348,70 +285,25 @@ class PredictionLog:
         d = self.pair_dir(pair)
         live = self._live_segments(pair)
         seq = self._next_seq[pair]
-        seg = self._write_segment(d, pair, seq, seq, records)
+        seg = write_segment(d, pair, seq, seq, records)
         self._next_seq[pair] = seq + 1
         self._live[pair] = [*live, seg]
         return seg
 
-    def _small(self, seg: Segment) -> bool:
-        return seg.count < self.segment_max_records // 4
-
     def maybe_compact(self, pair: str, *, force: bool = False) -> int:
-        """Compact when more than `compact_threshold` small segments have piled up (or `force`)."""
+        """Compact when more than `compact_threshold` small segments have piled up (or `force`), or
+        when superseded leftovers are known; return how many files were merged."""
         with self._io_lock:
-            small = sum(map(self._small, self._live_segments(pair)))
+            small = sum(is_small(s, self.segment_max_records) for s in self._live_segments(pair))
             if not force and small <= self.compact_threshold and pair not in self._has_dead:
                 return 0
-            return self._compact(pair, self.pair_dir(pair))
-
-    def _write_segment(self, d: Path, pair: str, lo: int, hi: int, records: list[dict], *,
-                       name: str | None = None) -> Segment:
-        rewrite = name is not None  # an in-place rewrite keeps the previous version as backup
-        ts = [r["timestamp"] for r in records]
-        name = name or Segment.file_name(lo, hi, min(ts), max(ts), len(records))
-        atomic_write_json(d / name, {"pair": pair, "seqLo": lo, "seqHi": hi, "records": records},
-                          backup=rewrite)
-        seg = Segment.parse(name)
-        assert seg is not None
-        return seg
-
-    def _remove_segment(self, d: Path, seg: Segment) -> None:
-        # Backup first: a backup without its file means "file lost" to doctor, which restores it.
-        backup_path(d / seg.name).unlink(missing_ok=True)
-        (d / seg.name).unlink(missing_ok=True)
-
-    def _compact(self, pair: str, d: Path) -> int:
-        """Merge runs of consecutive segments holding small ones (each run at most
-        segment_max_records), and delete superseded leftovers; return how many files were merged."""
-        self._live.pop(pair, None)
-        live, dead = self.segments(pair)
-        merged = 0
-        groups: list[list[Segment]] = []
-        group: list[Segment] = []
-        for seg in sorted(live):
-            if group and sum(s.count for s in group) + seg.count > self.segment_max_records:
-                groups.append(group)
-                group = []
-            group.append(seg)
-        if group:
-            groups.append(group)
-        for group in groups:
-            if len(group) < 2 or not any(map(self._small, group)):
-                continue
-            records: list[dict] = []
-            for seg in group:
-                records.extend(self._read_segment(d, seg))
-            self._write_segment(d, pair, group[0].lo, group[-1].hi, records)
-            for seg in group:
-                self._remove_segment(d, seg)
-            merged += len(group)
-        for seg in dead:  # leftovers of an interrupted compaction or cleanup
-            self._remove_segment(d, seg)
-        if merged or dead:
-            fsync_dir(d)
-        self._live.pop(pair, None)
-        self._has_dead.discard(pair)
-        return merged
+            self._live.pop(pair, None)
+            live, dead = self.segments(pair)
+            merged = compact_segments(self.pair_dir(pair), pair, live, dead,
+                                      segment_max_records=self.segment_max_records)
+            self._live.pop(pair, None)
+            self._has_dead.discard(pair)
+            return merged
 
     # ---- queries ----------------------------------------------------------------------------
     def query(self, pair: str, limit: int | None = 100, since: int | None = None) -> list[dict]:
@@ -507,7 +399,7 @@ class PredictionLog:
                         found += 1
                         changed = True
                 if changed:
-                    self._write_segment(d, pair, seg.lo, seg.hi, records, name=seg.name)
+                    write_segment(d, pair, seg.lo, seg.hi, records, name=seg.name)
                 if not todo:
                     break
         return found
@@ -526,35 +418,12 @@ class PredictionLog:
                 if not self._buffered:
                     self._oldest = None
             for pair in self.pairs():
-                d = self.pair_dir(pair)
                 self._live_segments(pair)  # make sure the next sequence number is known
                 self._live.pop(pair, None)
                 live, dead = self.segments(pair)
-                touched = bool(dead)
-                for seg in live:
-                    if seg.min_ts >= cutoff_ms:
-                        continue
-                    touched = True
-                    if seg.max_ts < cutoff_ms:
-                        removed += seg.count
-                        self._remove_segment(d, seg)
-                        continue
-                    records = self._read_segment(d, seg)
-                    keep = [r for r in records if r["timestamp"] >= cutoff_ms]
-                    removed += len(records) - len(keep)
-                    new = self._write_segment(d, pair, seg.lo, seg.hi, keep)
-                    if new.name != seg.name:
-                        self._remove_segment(d, seg)
-                for seg in dead:
-                    self._remove_segment(d, seg)
-                if touched:
-                    fsync_dir(d)
+                removed += cleanup_segments(self.pair_dir(pair), pair, live, dead, cutoff_ms)
                 self._live.pop(pair, None)
         return removed
-
-    def stray_backups(self, pair: str) -> list[Path]:
-        d = self.pair_dir(pair)
-        return [p for p in d.glob(f"*{BACKUP_SUFFIX}")] if d.is_dir() else []
 
     def _require_writable(self) -> None:
         if not self.writable:
