@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ml.pairs import InvalidPairError, validate_pair  # noqa: F401 - re-exported, the old home
-
 CANDLE_COLUMNS = ["ts", "open", "high", "low", "close", "volume"]
 PRICE_COLUMNS = ["open", "high", "low", "close"]
 

@@ -27,8 +27,9 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from ml.data.candles import CANDLE_COLUMNS, empty_candles, validate_pair
+from ml.data.candles import CANDLE_COLUMNS, empty_candles
 from ml.data.files import epoch_to_ms
+from ml.pairs import validate_pair
 
 HISTORY_KEYS = ("closes", "highs", "lows", "volumes", "timestamps")
 

@@ -1,4 +1,4 @@
-"""One entry point for candles, whatever `data.source` is configured (§3).
+"""One entry point for candles, whatever `data.source` is configured.
 
 - `synthetic`: generated on demand (deterministic per pair and seed; `ml.data.synthetic`).
 - `files`: what `tbml data import` put in the candle store.
@@ -15,8 +15,9 @@ import logging
 import pandas as pd
 
 from ml.clock import last_closed_bar_ts
-from ml.data.candles import validate_candles, validate_pair
+from ml.data.candles import validate_candles
 from ml.data.store import CandleStore
+from ml.pairs import validate_pair
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ newest bars, `coverage()` reads only the footer, `read(start_ts, end_ts)` skips 
 
 The pair is validated (`validate_pair`) before it is used in any path, and the timeframe must be
 one of the configured names, so neither can escape `data_dir`. Within one process, writes to a
-file are serialised by a lock; across processes the Storage actor is the single writer (§7).
+file are serialised by a lock; across processes the Storage actor is the single writer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ml.config import TIMEFRAME_MS
-from ml.data.candles import CANDLE_COLUMNS, empty_candles, validate_pair
+from ml.data.candles import CANDLE_COLUMNS, empty_candles
+from ml.pairs import validate_pair
 from ml.storage.atomic import atomic_write_bytes
 
 ROW_GROUP_SIZE = 4096

@@ -1,4 +1,4 @@
-"""Synthetic market data: the embedded default source (SPEC §3).
+"""Synthetic market data: the embedded default source (`data.source: synthetic`).
 
 The process (per pair, per seed; every number below is a constant of this module):
 
@@ -49,7 +49,8 @@ import pandas as pd
 from scipy.signal import lfilter
 
 from ml.clock import last_closed_bar_ts
-from ml.data.candles import CANDLE_COLUMNS, empty_candles, validate_pair
+from ml.data.candles import CANDLE_COLUMNS, empty_candles
+from ml.pairs import validate_pair
 
 ORIGIN_TS = 1_735_689_600_000  # 2025-01-01T00:00:00Z, epoch ms
 DAY_MS = 86_400_000

@@ -193,11 +193,3 @@ SUGGEST_FEATURES = ("rsi_suggest", "macd_suggest", "bb_suggest", "stoch_suggest"
 TREND_FEATURES = ("ma_trend", "macd_trend", "rsi_trend", "ichi_trend", "adx_trend", "sar_trend",
                   "vol_obv_trend")
 
-
-def catalog_markdown() -> str:
-    """The catalogue as a Markdown table (the body of the table in docs/features.md)."""
-    lines = ["| # | name | group | formula |", "|---|---|---|---|"]
-    for i, f in enumerate(CATALOG):
-        formula = f.formula.replace("|", "\\|")
-        lines.append(f"| {i} | `{f.name}` | {f.group} | {formula} |")
-    return "\n".join(lines)

@@ -30,10 +30,6 @@ _REL_VAR_FLOOR = 1e-12
 # Generic helpers
 # ----------------------------------------------------------------------------------------------
 
-def nan_array(n: int) -> np.ndarray:
-    return np.full(n, np.nan)
-
-
 def lag(x: np.ndarray, k: int) -> np.ndarray:
     """x shifted k bars into the past: out[t] = x[t-k] (NaN for t < k). Never a lead."""
     if k < 0:

@@ -9,9 +9,10 @@ import pytest
 
 import ml.data.store as store_mod
 from ml.config import Settings
-from ml.data.candles import InvalidPairError, empty_candles
+from ml.data.candles import empty_candles
 from ml.data.sources import ensure_synthetic_history, load_candles
 from ml.data.store import ROW_GROUP_SIZE, CandleStore, NoCandlesError
+from ml.pairs import InvalidPairError
 from ml.storage.atomic import is_temp_file
 
 TF = 300_000

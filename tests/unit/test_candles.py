@@ -4,13 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.data.candles import (
-    InvalidPairError,
-    find_gaps,
-    infer_timeframe_ms,
-    validate_candles,
-    validate_pair,
-)
+from ml.data.candles import find_gaps, infer_timeframe_ms, validate_candles
+from ml.pairs import InvalidPairError, validate_pair
 
 TF = 300_000
 

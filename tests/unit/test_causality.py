@@ -1,4 +1,4 @@
-"""The look-ahead check (issue 6): planted peeks are caught and named, causal features pass."""
+"""The look-ahead check: planted peeks are caught and named, causal features pass."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ml.config import Settings
-from ml.data.candles import InvalidPairError, validate_candles
+from ml.data.candles import validate_candles
 from ml.data.core_client import (
     CoreClient,
     CoreResponseError,
@@ -23,6 +23,7 @@ from ml.data.core_client import (
     parse_retry_after,
 )
 from ml.data.sources import load_candles
+from ml.pairs import InvalidPairError
 
 TF = 300_000
 START = 1_704_067_200_000

@@ -1,4 +1,4 @@
-"""The feature matrix (SPEC §4): names, warm-up, causality, scale-freeness, the serving window."""
+"""The feature matrix (docs/features.md): names, warm-up, causality, scale-freeness, the serving window."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.data.candles import InvalidPairError
+from ml.pairs import InvalidPairError
 from ml.storage.paths import UnsafePathError, safe_path
 from ml.storage.store import Storage
 
