@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 from bench.common import BenchResult, bench_main, p50, percentile
-from ml.cache.client import Cache, CacheKind, cache_key
+from ml.cache.client import Cache
+from ml.cache.keys import CacheKind, cache_key
 
 SECTION = "cache"
 TARGET_MS = 1.0

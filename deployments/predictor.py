@@ -155,7 +155,7 @@ class PredictorImpl:
     # ---------------------------------------------------------------------------------- predict
     async def predict(self, req: dict[str, Any]) -> dict[str, Any]:
         """req: {pair, modelType, version, candleTs, horizon}. See the module docstring."""
-        from ml.cache.client import CacheKind, cache_key
+        from ml.cache.keys import CacheKind, cache_key
         from ml.serving.signals import classify, is_stale
 
         self.stats_["requests"] += 1

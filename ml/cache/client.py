@@ -1,21 +1,17 @@
-"""Cross-replica cache on Redis (redis.asyncio) with a per-replica in-process fallback.
+"""The cross-replica cache on Redis (redis.asyncio), with degraded mode and single-flight.
 
-What it guarantees (SPEC §7):
-- Keys carry the last closed candle and the model version (`cache_key`), so a new candle or a new
-  production model is a different key: never served stale, no invalidation needed.
+What it guarantees:
+- Keys (ml.cache.keys) carry the last closed candle and the model version, so nothing is invalidated.
 - TTLs per kind come from config (predictions 30 s, features 300 s, model status 60 s, health 10 s).
 - Concurrent misses on one key compute once: in-process single-flight (one shared task per key)
   plus a short Redis `SET NX` lock so two replicas don't both compute; the loser polls briefly for
   the winner's value and computes itself if the winner is too slow or gives up.
 - Hit/miss counters live in Redis (one Lua round trip does GET + HINCRBY), shared by all replicas.
 - Redis unreachable -> nothing is raised to the caller: the cache turns `degraded`, reads and writes
-  go to a bounded in-process TTL+LRU cache, counts are kept locally (and added to Redis on
-  recovery). A background probe pings Redis at most every `reconnect_interval_s`; requests never
-  wait for a dead Redis while degraded. When Redis answers again `degraded` clears by itself and
-  Redis is authoritative again (the local cache is dropped).
-
-Values are JSON. Each stored value carries the wall time it was stored, so `CacheHit.age_s` (the
-API's `cacheAge`) is real across replicas.
+  go to a bounded in-process TTL+LRU cache (ml.cache.local), counts are kept locally (and added to
+  Redis on recovery). A background probe pings Redis at most every `reconnect_interval_s`; requests
+  never wait for a dead Redis while degraded. When Redis answers again `degraded` clears by itself
+  and Redis is authoritative again (the local cache is dropped).
 
 The local cache is used only in degraded mode. Writing it while Redis is healthy would need
 invalidation when Redis changes and would serve values Redis has already expired; keys already
@@ -27,18 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import StrEnum
-from operator import index
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -47,159 +38,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ml.config import PAIR_PATTERN
+from ml.cache.keys import DEFAULT_TTLS, NAMESPACE_RE, CacheKind
+from ml.cache.local import CacheHit, LocalTTLCache, decode_value, encode_value
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
-class CacheKind(StrEnum):
-    PREDICTIONS = "predictions"
-    FEATURES = "features"
-    MODEL_STATUS = "modelStatus"
-    HEALTH = "health"
-
-
-DEFAULT_TTLS: dict[CacheKind, float] = {
-    CacheKind.PREDICTIONS: 30.0,
-    CacheKind.FEATURES: 300.0,
-    CacheKind.MODEL_STATUS: 60.0,
-    CacheKind.HEALTH: 10.0,
-}
-
-# ---------------------------------------------------------------------------------------------
-# Keys
-# ---------------------------------------------------------------------------------------------
-
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_PAIR_RE = re.compile(PAIR_PATTERN)
-_MISSING = "~"  # placeholder for an absent part; "~" is always escaped inside parts
-_MAX_PART = 200
-
-
-def _escape(part: str) -> str:
-    """Percent-escape everything but [A-Za-z0-9._-] so ':' (the separator) and '~' never leak."""
-    return quote(part, safe="").replace("~", "%7E")
-
-
-def _text_part(name: str, value: str | int | None) -> str:
-    if value is None:
-        return _MISSING
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ValueError(f"cache key part {name} must be a string, got {type(value).__name__}")
-    text = str(value)
-    if not text or len(text) > _MAX_PART:
-        raise ValueError(f"cache key part {name} must be 1..{_MAX_PART} characters")
-    return _escape(text)
-
-
-def cache_key(kind: CacheKind | str, *, pair: str | None = None, model: str | None = None,
-              version: str | None = None, candle_ts: int | None = None, extra: str | int | None = None,
-              namespace: str = "tbml") -> str:
-    """`<ns>:<kind>:<pair>:<model>:<version>:<candle_ts>:<extra>`, absent parts as '~', trailing ones dropped.
-
-    e.g. cache_key(CacheKind.PREDICTIONS, pair="BTC", model="lstm", version="v20261121-0501",
-    candle_ts=1763700900000, extra="h5") == "tbml:predictions:BTC:lstm:v20261121-0501:1763700900000:h5".
-    Positions are fixed, so two different part sets can never produce the same key.
-    """
-    kind = CacheKind(kind)
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
-        raise ValueError(f"invalid cache namespace {namespace!r}")
-    if pair is not None and (not isinstance(pair, str) or not _PAIR_RE.match(pair)):
-        raise ValueError(f"invalid pair {pair!r} (expected {PAIR_PATTERN})")
-    if candle_ts is None:
-        ts_part = _MISSING
-    else:
-        if isinstance(candle_ts, bool):
-            raise ValueError("candle_ts must be an integer epoch ms")
-        try:
-            ts = index(candle_ts)
-        except TypeError:
-            raise ValueError(f"candle_ts must be an integer epoch ms, got {candle_ts!r}") from None
-        if ts < 0:
-            raise ValueError("candle_ts must be >= 0")
-        ts_part = str(ts)
-    parts = [
-        pair or _MISSING,
-        _text_part("model", model),
-        _text_part("version", version),
-        ts_part,
-        _text_part("extra", extra),
-    ]
-    while parts and parts[-1] == _MISSING:
-        parts.pop()
-    return ":".join([namespace, kind.value, *parts])
-
-
-# ---------------------------------------------------------------------------------------------
-# Values
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CacheHit:
-    value: Any
-    age_s: float
-    source: str  # "redis" | "local"
-
-
-def _encode(value: Any) -> str:
-    return json.dumps({"t": time.time(), "v": value}, separators=(",", ":"))
-
-
-def _decode(raw: bytes | str | None, source: str) -> CacheHit | None:
-    if raw is None:
-        return None
-    try:
-        doc = json.loads(raw)
-        stored_at = float(doc["t"])
-        value = doc["v"]
-    except (ValueError, TypeError, KeyError):
-        log.warning("cache: ignoring an undecodable %s entry", source)
-        return None
-    return CacheHit(value=value, age_s=max(0.0, time.time() - stored_at), source=source)
-
-
-class LocalTTLCache:
-    """Bounded in-process TTL + LRU map of encoded payloads (one per replica, degraded mode only)."""
-
-    def __init__(self, max_items: int = 10_000) -> None:
-        if max_items < 1:
-            raise ValueError("max_items must be >= 1")
-        self.max_items = max_items
-        self._data: OrderedDict[str, tuple[float, str]] = OrderedDict()
-
-    def get(self, key: str) -> str | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        expires_at, payload = item
-        if time.monotonic() >= expires_at:
-            del self._data[key]
-            return None
-        self._data.move_to_end(key)
-        return payload
-
-    def set(self, key: str, payload: str, ttl_s: float) -> None:
-        self._data[key] = (time.monotonic() + ttl_s, payload)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_items:
-            self._data.popitem(last=False)
-
-    def delete(self, key: str) -> None:
-        self._data.pop(key, None)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-# ---------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------
 
 # GET and count the outcome in one round trip. KEYS: value, hits hash, misses hash; ARGV: kind.
 _GET_AND_COUNT = """
@@ -244,14 +89,19 @@ def _empty_counts() -> dict[str, dict[str, int]]:
 class Cache:
     """Async cache for the Serve deployments. One instance per replica (per event loop).
 
-    `url=None` gives a local-only cache (no Redis configured; not `degraded`).
+    `url=None` gives a local-only cache (no Redis configured; not `degraded`). Time comes from
+    arguments, so tests drive it without sleeping: `clock` (monotonic seconds: local expiry, lock
+    waits), `wall_clock` (epoch seconds: value ages, downSince), `sleep` (the reconnect probe's and
+    the lock wait's pauses).
     """
 
     def __init__(self, url: str | None, *, namespace: str = "tbml",
                  ttls: dict[CacheKind, float] | None = None, local_max_items: int = 10_000,
                  reconnect_interval_s: float = 1.0, socket_timeout_s: float = 0.25,
-                 lock_ttl_s: float = 10.0, lock_wait_s: float = 2.0) -> None:
-        if not _NAMESPACE_RE.match(namespace):
+                 lock_ttl_s: float = 10.0, lock_wait_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        if not NAMESPACE_RE.match(namespace):
             raise ValueError(f"invalid cache namespace {namespace!r}")
         self.url = url
         self.namespace = namespace
@@ -262,7 +112,10 @@ class Cache:
         self.socket_timeout_s = float(socket_timeout_s)
         self.lock_ttl_s = float(lock_ttl_s)
         self.lock_wait_s = float(lock_wait_s)
-        self._local = LocalTTLCache(local_max_items)
+        self._clock = clock
+        self._wall = wall_clock
+        self._sleep = sleep
+        self._local = LocalTTLCache(local_max_items, clock=clock)
         self._hits_key = f"{namespace}:stats:hits"
         self._misses_key = f"{namespace}:stats:misses"
         self._pending = _empty_counts()        # counted while Redis was unusable, not yet in Redis
@@ -342,7 +195,7 @@ class Cache:
         self._last_error = f"{type(error).__name__}: {error}"
         if not self._degraded:
             self._degraded = True
-            self._down_since = time.time()
+            self._down_since = self._wall()
             log.warning("cache: Redis unreachable (%s); serving from the in-process cache", self._last_error)
         self._ensure_probe()
 
@@ -362,7 +215,7 @@ class Cache:
         """While degraded: ping Redis every `reconnect_interval_s` until it answers."""
         assert self._client is not None
         while self._degraded and not self._closed:
-            await asyncio.sleep(self.reconnect_interval_s)
+            await self._sleep(self.reconnect_interval_s)
             try:
                 await self._client.ping()
             except (*_UNREACHABLE, RedisError) as e:
@@ -470,15 +323,15 @@ class Cache:
             lambda c: self._get_script(keys=[key, self._hits_key, self._misses_key], args=[kind.value])
         )
         if raw is _FAILED:
-            hit = _decode(self._local.get(key), "local")
+            hit = decode_value(self._local.get(key), "local", self._wall())
             self._count_local(kind, hit is not None)
             return hit
-        return _decode(raw, "redis")
+        return decode_value(raw, "redis", self._wall())
 
     async def set(self, kind: CacheKind | str, key: str, value: Any, ttl: float | None = None) -> None:
         """Store a JSON value for the kind's TTL (or `ttl` seconds). Raises only for non-JSON values."""
         ttl_s = self.ttl_for(kind, ttl)
-        payload = _encode(value)
+        payload = encode_value(value, self._wall())
         ms = max(1, round(ttl_s * 1000))
         if await self._run(lambda c: c.set(key, payload, px=ms)) is _FAILED:
             self._local.set(key, payload, ttl_s)
@@ -541,7 +394,7 @@ class Cache:
 
     async def _wait_for_other(self, key: str, lock_key: str) -> CacheHit | None:
         """Another replica holds the lock: poll for its value while the lock lives, up to lock_wait_s."""
-        deadline = time.monotonic() + self.lock_wait_s
+        deadline = self._clock() + self.lock_wait_s
         delay = 0.005
 
         async def op(c: aioredis.Redis) -> list:
@@ -550,15 +403,15 @@ class Cache:
                 p.exists(lock_key)
                 return await p.execute()
 
-        while time.monotonic() < deadline:
-            await asyncio.sleep(delay)
+        while self._clock() < deadline:
+            await self._sleep(delay)
             delay = min(delay * 2, 0.05)
             res = await self._run(op)
             if res is _FAILED:
                 return None
             raw, locked = res
             if raw is not None:
-                return _decode(raw, "redis")
+                return decode_value(raw, "redis", self._wall())
             if not locked:
                 return None  # the holder gave up (error) or its lock expired
         log.info("cache: lock holder for %s too slow; computing here", key)

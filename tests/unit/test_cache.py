@@ -1,4 +1,8 @@
-"""ml.cache.client against a real redis-server (fixtures in tests/conftest.py)."""
+"""ml.cache (keys, local, client) against a real redis-server (fixtures in tests/conftest.py).
+
+Where a test is about time (local expiry, ages, lock waits, the reconnect interval) it drives a
+FakeClock instead of sleeping; Redis's own TTLs and outages still take real time.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import time
 import pytest
 import redis
 
-from ml.cache.client import Cache, CacheHit, CacheKind, LocalTTLCache, cache_key
+from ml.cache.client import Cache
+from ml.cache.keys import CacheKind, cache_key
+from ml.cache.local import CacheHit, LocalTTLCache
 from ml.config import Settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,6 +26,33 @@ P = CacheKind.PREDICTIONS
 
 def key(candle_ts: int = 1763700900000, version: str = "v20261121-0501", pair: str = "BTC") -> str:
     return cache_key(P, pair=pair, model="lstm", version=version, candle_ts=candle_ts, extra="h5")
+
+
+class FakeClock:
+    """Monotonic and wall time that move only when told (or when `sleep` is awaited)."""
+
+    def __init__(self, mono: float = 1000.0, wall: float = 1_763_700_000.0) -> None:
+        self.mono = mono
+        self.wall = wall
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def time(self) -> float:
+        return self.wall
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+        self.wall += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.advance(seconds)
+        await asyncio.sleep(0)
+
+    def inject(self) -> dict:
+        return {"clock": self.monotonic, "wall_clock": self.time, "sleep": self.sleep}
 
 
 def make_cache(url: str | None, **kw) -> Cache:
@@ -65,14 +98,17 @@ def test_cache_key_unknown_kind() -> None:
 
 
 def test_local_ttl_cache_expiry_and_lru() -> None:
-    c = LocalTTLCache(max_items=2)
+    clock = FakeClock()
+    c = LocalTTLCache(max_items=2, clock=clock.monotonic)
     c.set("a", "1", 10)
     c.set("b", "2", 10)
     assert c.get("a") == "1"          # a is now most recently used
     c.set("c", "3", 10)               # evicts b
     assert c.get("b") is None and c.get("a") == "1" and c.get("c") == "3"
     c.set("d", "4", 0.05)
-    time.sleep(0.08)
+    clock.advance(0.049)
+    assert c.get("d") == "4"
+    clock.advance(0.031)
     assert c.get("d") is None
 
 
@@ -114,12 +150,19 @@ def test_hit_after_set_and_counters(redis_url: str) -> None:
 
 
 def test_age_is_real(redis_url: str) -> None:
+    clock = FakeClock()
+
     async def main() -> None:
-        async with make_cache(redis_url) as c:
+        async with make_cache(redis_url, **clock.inject()) as c:
             await c.set(P, key(), 1)
-            await asyncio.sleep(0.3)
+            clock.advance(0.3)
             hit = await c.get(P, key())
             assert hit is not None and 0.25 <= hit.age_s < 2
+            assert hit.age_s == pytest.approx(0.3)
+        # a second replica (another instance) reads the same age: it is stored with the value
+        async with make_cache(redis_url, **clock.inject()) as other:
+            hit = await other.get(P, key())
+            assert hit is not None and hit.age_s == pytest.approx(0.3)
 
     asyncio.run(main())
 
@@ -271,13 +314,16 @@ def test_replica_computes_itself_when_lock_holder_is_too_slow(redis_url: str) ->
     async def main() -> None:
         # another replica holds the lock and never delivers
         redis.Redis.from_url(redis_url).set(f"tbml:lock:{key()}", "someone-else", px=10_000)
-        async with make_cache(redis_url, lock_wait_s=0.3) as c:
+        clock = FakeClock()
+        async with make_cache(redis_url, lock_wait_s=0.3, **clock.inject()) as c:
             async def compute():
                 return "mine"
 
-            t0 = time.monotonic()
+            t0 = clock.monotonic()
             assert await c.get_or_compute(P, key(), compute) == ("mine", None)
-            assert time.monotonic() - t0 >= 0.25
+            assert clock.monotonic() - t0 >= 0.25
+            # it polled (with growing pauses, at most 50 ms) until lock_wait_s was used up
+            assert len(clock.slept) > 3 and max(clock.slept) <= 0.05
         # our lock attempt failed, so the foreign lock is untouched
         assert redis.Redis.from_url(redis_url).get(f"tbml:lock:{key()}") == b"someone-else"
 
@@ -413,14 +459,37 @@ def test_unreachable_from_the_start() -> None:
     asyncio.run(main())
 
 
-def test_local_only_cache_without_redis() -> None:
+def test_probe_waits_reconnect_interval_between_pings() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    clock = FakeClock()
+
     async def main() -> None:
-        async with Cache(None, ttls={P: 0.2}) as c:
+        async with make_cache(f"redis://127.0.0.1:{port}/0", reconnect_interval_s=0.7, **clock.inject()) as c:
+            assert await c.get(P, key()) is None
+            assert c.degraded
+            assert c.status()["downSince"] == int(clock.time() * 1000)
+            for _ in range(200):  # the probe runs on the loop: let it go a few rounds
+                if len(clock.slept) >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(clock.slept) >= 3 and all(s == 0.7 for s in clock.slept)
+            assert c.degraded  # still down: every ping failed
+
+    asyncio.run(main())
+
+
+def test_local_only_cache_without_redis() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        async with Cache(None, ttls={P: 0.2}, **clock.inject()) as c:
             assert not c.degraded and c.status()["status"] == "disabled"
             await c.set(P, key(), {"x": 1})
             hit = await c.get(P, key())
             assert hit.value == {"x": 1} and hit.source == "local"
-            await asyncio.sleep(0.3)
+            clock.advance(0.3)
             assert await c.get(P, key()) is None
             counts = await c.counters()
             assert counts["hits"][P.value] == 1 and counts["misses"][P.value] == 1
