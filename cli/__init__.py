@@ -1,4 +1,5 @@
-"""`tbml`: the command line. Each command group lives in its own module with a `register` function.
+"""`tbml`: the command line, one module per command group (each with a `register` function).
+The top of the import graph: may import cluster, actors and ml; nothing imports cli.
 
 Exit codes: 0 success, 2 bad input (one clear line on stderr), 1 failure.
 """

@@ -1,4 +1,4 @@
-"""`tbml backtest`: walk-forward evaluation of a model against its baselines (SPEC §9, issue 6).
+"""`tbml backtest`: walk-forward evaluation of a model against its baselines.
 
     tbml backtest (--file F [--format auto|ohlcv|binance] | --pair P [--data-dir D]) [--bars N]
                   [--model M] [--horizon H] [--folds K] [--train-bars N] [--test-bars N] [--purge N]

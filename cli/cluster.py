@@ -84,7 +84,9 @@ def _data_dir(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster.up import SERVE_CONFIG, UpError, UpOptions, UsageProblem, up
+    from cluster.ops.errors import UpError, UsageProblem
+    from cluster.ops.options import SERVE_CONFIG, UpOptions
+    from cluster.ops.up import up
 
     _data_dir(args)
     if args.num_cpus is not None and args.num_cpus < 1:
@@ -109,7 +111,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from cluster.up import UpError, down
+    from cluster.ops.down import down
+    from cluster.ops.errors import UpError
 
     _data_dir(args)
     try:
@@ -120,7 +123,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cluster.up import UpError, format_status, status
+    from cluster.ops.errors import UpError
+    from cluster.ops.status import format_status, status
 
     _data_dir(args)
     try:

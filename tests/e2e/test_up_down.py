@@ -47,7 +47,7 @@ def _port_free(port: int) -> bool:
 
 
 def _alive(pid: int, start: int | None) -> bool:
-    from cluster.up import proc_alive
+    from cluster.ops.processes import proc_alive
 
     return proc_alive(pid, start)
 
@@ -112,7 +112,7 @@ class Service:
         """Whatever happened: stop what the state file names, then remove the head's temp dir."""
         if self.state() is not None:
             self.tbml("down", timeout=240)
-        from cluster.up import head_processes, terminate
+        from cluster.ops.processes import head_processes, terminate
 
         leftovers = head_processes(self.temp_dir)
         if leftovers:
@@ -157,7 +157,7 @@ def _assert_started(svc: Service, proc: subprocess.CompletedProcess) -> dict:
 
 def _snapshot(state: dict) -> dict[int, int]:
     """Every process the started service consists of right now (Redis + the head's whole tree)."""
-    from cluster.up import head_processes
+    from cluster.ops.processes import head_processes
 
     procs = head_processes(state["ray"]["tempDir"])
     procs[state["redis"]["pid"]] = state["redis"]["start"]
@@ -165,7 +165,7 @@ def _snapshot(state: dict) -> dict[int, int]:
 
 
 def _assert_stopped(svc: Service, state: dict, procs: dict[int, int]) -> None:
-    from cluster.up import head_processes
+    from cluster.ops.processes import head_processes
 
     down = svc.tbml("down", timeout=240)
     assert down.returncode == 0, f"tbml down failed:\n{down.stdout}\n{down.stderr}"
@@ -228,8 +228,11 @@ def test_up_serves_feeds_and_down_leaves_nothing(service_factory, ray_cluster):
     assert first["running"] and all(first["processes"].values()), first["processes"]
     feed1 = first["live"]["feed"]
     assert feed1["source"] == "synthetic" and feed1["errors"] == 0, feed1
-    time.sleep(2.5)
+    deadline = time.monotonic() + 60  # the feed ticks every second; this is a limit, not a timing claim
     feed2 = svc.status()["live"]["feed"]
+    while feed2.get("ticks", 0) <= feed1["ticks"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        feed2 = svc.status()["live"]["feed"]
     assert feed2["ticks"] > feed1["ticks"], (feed1, feed2)
     now_last = last_closed_bar_ts(tf)
     for pair in settings.pairs:

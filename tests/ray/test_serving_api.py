@@ -637,9 +637,9 @@ def test_served_predictions_resolve_after_the_horizon_and_the_accuracy_endpoint_
     model status count them."""
     import ray
 
-    from actors.feed import CandleFeed
     from deployments.schemas import AccuracyResponse, HistoryResponse, ModelStatusResponse, PredictionResponse
     from ml.clock import last_closed_bar_ts
+    from ml.data.feed import CandleFeed
     from ml.data.sources import synthetic_candles
 
     c, store, storage, v1 = served["client"], served["store"], served["storage"], served["v1"]
