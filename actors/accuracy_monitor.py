@@ -1,6 +1,6 @@
 """The accuracy monitor: a detached, named singleton (`tbml-accuracy-monitor`, 0 CPUs) that resolves
 served predictions once their target bar has closed, keeps the live accuracy of every production
-model, and queues a retrain when one has lost its edge (SPEC §8 accuracy, issue 6).
+model, and queues a retrain when one has lost its edge.
 
 A thin shell over `ml.evaluation.live` (the rules and the bookkeeping live there). Every
 `live.resolve_interval_s` seconds, and on `tick()`, for each pair with prediction history:
@@ -33,6 +33,9 @@ from typing import Any
 import ray
 
 from actors.training_queue import QUEUE_ACTOR_NAME
+from ml.clock import now_ms
+from ml.config import LiveSettings
+from ml.registry.production import Production, read_production
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +43,8 @@ MONITOR_ACTOR_NAME = "tbml-accuracy-monitor"
 LIVE_CATEGORY = "training"   # the Storage's document categories have no "live"; training/{PAIR}/live.json
 LIVE_DOCUMENT = "live"
 RETRAIN_SOURCE = "degraded"
-LIVE_KEYS = {"resolve_interval_s", "window", "degraded_min_n", "degraded_margin", "retrain_priority"}
+LIVE_KEYS = frozenset(LiveSettings.model_fields)  # the `live` settings section's keys
 ACTOR_KEYS = {"queue_name", "queue_overrides", "pairs", "scan_limit"}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _settings():
@@ -153,19 +152,9 @@ class AccuracyMonitorActor:
             return list(self._fixed_pairs)
         return list(await storage.prediction_pairs.remote())
 
-    def _production(self, pair: str) -> dict[str, dict | None]:
-        """{model type: {version, metrics} | None} from the shared volume (read-only)."""
-        out: dict[str, dict | None] = {}
-        for mt in self._model_types:
-            try:
-                pointer = self._reader.get_production(pair, mt)
-                version = (pointer or {}).get("version")
-                meta = self._reader.get_version_meta(pair, mt, version) if version else None
-            except Exception as exc:  # noqa: BLE001 - a damaged pointer: no model (doctor repairs)
-                log.warning("accuracy monitor: production of %s/%s unreadable: %s", pair, mt, exc)
-                version, meta = None, None
-            out[mt] = {"version": version, "metrics": (meta or {}).get("metrics") or {}} if version else None
-        return out
+    def _production(self, pair: str) -> dict[str, Production | None]:
+        """{model type: its production version or None}, read from the shared volume (read-only)."""
+        return {mt: read_production(self._reader, pair, mt) for mt in self._model_types}
 
     def _candles(self, pair: str, span: tuple[int, int]):
         from ml.data.store import NoCandlesError
@@ -227,14 +216,14 @@ class AccuracyMonitorActor:
         for mt, prod in production.items():
             if prod is None:
                 continue
-            version = prod["version"]
-            stats = tracker.stats(pair, mt, version, reference_rate(prod))
+            version = prod.version
+            stats = tracker.stats(pair, mt, version, reference_rate(prod.meta))
             flag, reason = degraded(stats, self._min_n, self._margin)
             before = (previous.get("models") or {}).get(mt) or {}
             same_version = before.get("version") == version
             entry: dict[str, Any] = {"version": version, **stats, "degraded": flag, "reason": reason,
-                                     "testAccuracy": (prod["metrics"].get("model") or {}).get("accuracy"),
-                                     "testBrier": (prod["metrics"].get("model") or {}).get("brier"),
+                                     "testAccuracy": (prod.metrics.get("model") or {}).get("accuracy"),
+                                     "testBrier": (prod.metrics.get("model") or {}).get("brier"),
                                      "flagged": False, "flaggedAt": None, "retrain": None}
             if same_version:  # a flag (and its retrain) belongs to the version it was raised for
                 entry.update({k: before.get(k) for k in ("flagged", "flaggedAt", "retrain")})

@@ -1,6 +1,6 @@
 """RemoteStorage: the Storage interface, forwarded to the Storage actor (blocking on each call).
 
-`ml.registry.versions.Registry` and `ml.registry.versions.load_model` are Ray-free and call plain methods
+`ml.registry.versions.Registry` and `ml.registry.loader.load_model` are Ray-free and call plain methods
 (`save_model_version`, `list_versions`, `get_version_meta`, `read_model_file`, `set_production`,
 `get_production`, ...). Give them a `RemoteStorage(actor)` instead of a `Storage` and every call goes
 to the single writer of the shared volume: `getattr(actor, name).remote(*args, **kwargs)` then

@@ -1,21 +1,21 @@
-"""Training as a Ray Train job: a TorchTrainer around the Ray-free loop of ml.training.train (SPEC §5).
+"""Training as a Ray Train job: a TorchTrainer around the Ray-free loop of ml.training.loop.
 
 run_torch_trainer() does, on the driver:
   1. load the candles (the configured source; `files` reads the candle store under data_dir) and
-     build the Dataset once (ml.training.train.prepare_dataset),
-  2. put its compact form (ml.training.train.pack_dataset: train + validation only) in the object store,
+     build the Dataset once (ml.training.dataset.prepare_dataset),
+  2. put its compact form (ml.training.dataset.pack_dataset: train + validation only) in the object store,
   3. start a TorchTrainer with ScalingConfig(num_workers, CPU only, resources_per_worker) and
      RunConfig(name=run_name, storage_path=data_dir/"ray_results"). Each worker runs
-     ml.training.train.fit on its shard of every epoch (DDP via ray.train.torch.prepare_model when there
+     ml.training.loop.fit on its shard of every epoch (DDP via ray.train.torch.prepare_model when there
      are several workers) and calls ray.train.report every epoch with the epoch metrics; rank 0
      attaches a checkpoint (state.pt: weights, optimizer, best weights, counters) and, if a
      progress actor is named, sends it {epoch, total, loss, val_loss, eta_s},
   4. load the best weights from the last checkpoint and calibrate + evaluate on the driver with
-     ml.training.train.build_result, exactly as train_local does.
+     ml.training.result.build_result, exactly as train_local does.
 
 Cancel: if the progress actor's report_progress returns "cancel"/"stop" or a dict with a true
 "cancel" or "stop", every worker stops at that epoch boundary and run_torch_trainer raises
-ml.training.train.TrainingCancelled (nothing to register). Killing the task that runs run_torch_trainer
+ml.training.loop.TrainingCancelled (nothing to register). Killing the task that runs run_torch_trainer
 also stops the run (Ray tears the workers down with the controller).
 
 Resume: a run directory with the same run_name under storage_path holds Ray Train's checkpoint
@@ -34,20 +34,12 @@ from typing import Any
 
 import torch
 
-from ml.training.train import (
-    FitResult,
-    TrainConfig,
-    TrainingCancelled,
-    TrainResult,
-    build_result,
-    deterministic,
-    fit,
-    load_training_candles,
-    new_model,
-    pack_dataset,
-    prepare_dataset,
-    unpack_dataset,
-)
+from ml.clock import now_ms
+from ml.training.config import TrainConfig
+from ml.training.dataset import load_training_candles, pack_dataset, prepare_dataset, unpack_dataset
+from ml.training.loop import FitResult, TrainingCancelled, fit, new_model
+from ml.training.nets import deterministic
+from ml.training.result import TrainResult, build_result
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +164,7 @@ def _train_loop_per_worker(config: dict) -> dict:
 def _unique_run_name(storage_path: Path, run_name: str) -> str:
     if not (storage_path / run_name).exists():
         return run_name
-    return f"{run_name}-{int(time.time() * 1000)}"
+    return f"{run_name}-{now_ms()}"
 
 
 def run_torch_trainer(

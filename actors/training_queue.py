@@ -1,6 +1,6 @@
-"""The TrainingQueue actor (SPEC §6): a detached, named singleton that gates Ray Train jobs.
+"""The TrainingQueue actor: a detached, named singleton that gates Ray Train jobs.
 
-The rules live in `ml.queue.state.QueueState` (pure Python); this module is the shell:
+The rules live in `ml.queue` (pure Python: `ml.queue.state.QueueState`); this module is the shell:
 
 * State: one QueueState, restored from the Storage actor (`queue/<state_name>` document) when the
   actor (re)starts, and written back after EVERY change, in order (one writer coroutine, newest
@@ -9,7 +9,8 @@ The rules live in `ml.queue.state.QueueState` (pure Python); this module is the 
   head of the queue (their Ray task died with the actor that owned it).
 * Scheduler: an asyncio task ticks every `tick_s` (and on every change), starts what
   `QueueState.runnable()` allows as Ray tasks (`run_training_job`), and queues periodic retraining
-  when `retrain_interval_minutes > 0`.
+  when `retrain_interval_minutes > 0` (of the pair/model type whose production model was trained
+  longest ago: `ml.queue.retrain`).
 * A job = one Ray task running `actors.trainer.run_torch_trainer` (which owns the TorchTrainer and
   its workers). Progress arrives through `report_progress` from the rank-0 worker; its reply tells
   a run that is no longer wanted to stop at the epoch boundary.
@@ -40,17 +41,12 @@ from typing import Any
 
 import ray
 
-from ml.queue.state import (
-    ACTIVE,
-    FINISHED,
-    InvalidRequest,
-    JobNotCancellable,
-    JobNotFound,
-    QueueConfig,
-    QueueState,
-    TrainRequest,
-    result_summary,
-)
+from ml.clock import now_ms
+from ml.queue.jobs import ACTIVE, FINISHED
+from ml.queue.requests import InvalidRequest, TrainRequest
+from ml.queue.state import JobNotCancellable, JobNotFound, QueueConfig, QueueState
+from ml.queue.views import job_view, result_summary
+from ml.registry.production import Production, production_from
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +57,8 @@ RETRAIN_PRIORITY = 8
 CANCEL_GRACE_S = 15.0  # graceful abort first (Ray Train releases its workers and placement group)
 PG_RELEASE_WAIT_S = 5.0  # after a stopped run's task ended: time Ray Train gets to free its placement group
 RUN_SEP = "#"  # progress reports name "{job_id}#{run_id}", so a stale run's reports are recognised
-QUEUE_KEYS = {"max_concurrent", "cooldown_minutes", "max_attempts", "retry_base_s", "history_limit"}
-ACTOR_KEYS = {"retrain_interval_minutes", "tick_s", "train_overrides", "num_workers", "cpus_per_worker",
-              "task_num_cpus", "cancel_grace_s"}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+QUEUE_KEYS = frozenset(QueueConfig.model_fields)  # the `queue` settings section's keys
+ACTOR_KEYS = {"tick_s", "train_overrides", "num_workers", "cpus_per_worker", "task_num_cpus", "cancel_grace_s"}
 
 
 def _settings():
@@ -101,7 +92,7 @@ def run_training_job(job: dict[str, Any], *, queue_actor: tuple[str, str], data_
     Returns {"registered": bool, ...summary}. Errors propagate (the queue retries or fails the job).
     """
     from actors.trainer import run_torch_trainer
-    from ml.training.train import TrainConfig
+    from ml.training.config import TrainConfig
 
     settings = _settings()
     data_dir = data_dir or str(settings.data_dir)
@@ -139,14 +130,12 @@ class TrainingQueueActor:
         if unknown:
             raise ValueError(f"unknown queue actor settings: {', '.join(sorted(unknown))}")
         settings = _settings()
-        qs = settings.queue
         self._namespace = namespace
         self._name = name
         self._state_name = DEFAULT_STATE_NAME if name == QUEUE_ACTOR_NAME else f"state-{name}"
         self._data_dir = str(data_dir or settings.data_dir)
-        self._config = QueueConfig.from_settings(qs, **{k: v for k, v in overrides.items() if k in QUEUE_KEYS})
-        self._retrain_ms = int(float(overrides.get("retrain_interval_minutes",
-                                                   qs.retrain_interval_minutes)) * 60_000)
+        self._config = QueueConfig.from_settings(settings.queue, **{k: v for k, v in overrides.items() if k in QUEUE_KEYS})
+        self._retrain_ms = self._config.retrain_interval_ms
         self._tick_s = float(overrides.get("tick_s", 0.25))
         self._train_overrides = dict(overrides.get("train_overrides") or {})
         self._num_workers = overrides.get("num_workers")
@@ -286,7 +275,7 @@ class TrainingQueueActor:
         now = now_ms()
         for job in jobs:
             try:
-                await self._storage.append_training_record.remote(job.view(now))
+                await self._storage.append_training_record.remote(job_view(job, now))
             except Exception as exc:  # the queue's own history still has it
                 log.warning("queue: training record of %s not stored: %s", job.job_id, _describe_error(exc))
 
@@ -360,25 +349,24 @@ class TrainingQueueActor:
         for pair in self._pairs:
             for model in self._model_types:
                 try:
-                    trained_at = await self._production_trained_at(pair, model)
+                    production = await self._production(pair, model)
                 except Exception as exc:
                     log.warning("queue: production lookup %s/%s failed: %s", pair, model, exc)
                     continue
-                candidates.append((pair, model, trained_at))
+                candidates.append((pair, model, production))
         target = self._state.pick_retrain_target(candidates, now)
         if target is not None:
             outcome = self._state.submit(TrainRequest(pair=target[0], model_type=target[1],
                                                       priority=RETRAIN_PRIORITY, source="retrain"), now)
             log.info("queue: periodic retraining of %s/%s: %s", *target, outcome.status)
 
-    async def _production_trained_at(self, pair: str, model: str) -> int | None:
-        """When the production model of pair/model was trained (epoch ms); None without one."""
-        prod = await self._storage.get_production.remote(pair, model)
-        if not prod or not prod.get("version"):
+    async def _production(self, pair: str, model: str) -> Production | None:
+        """The production version of pair/model (read through the Storage actor); None without one."""
+        pointer = await self._storage.get_production.remote(pair, model)
+        if not pointer or not pointer.get("version"):
             return None
-        meta = await self._storage.get_version_meta.remote(pair, model, prod["version"])
-        trained_at = (meta or {}).get("trained_at") or prod.get("promotedAt") or 0
-        return int(trained_at)
+        meta = await self._storage.get_version_meta.remote(pair, model, pointer["version"])
+        return production_from(pointer, meta)
 
     # ------------------------------------------------------------------ public API
     async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -410,7 +398,7 @@ class TrainingQueueActor:
         self._wake.set()
         await self._record([job])
         return {"ok": True, "jobId": job_id, "wasRunning": stopped or job.started_at is not None,
-                "stopped": stopped, "job": job.view(now_ms())}
+                "stopped": stopped, "job": job_view(job, now_ms())}
 
     async def emergency_stop(self, reason: str | None = None) -> dict[str, Any]:
         await self._ensure_ready()
@@ -491,7 +479,7 @@ class TrainingQueueActor:
         await self._ensure_ready()
         return {"name": self._name, "namespace": self._namespace, "dataDir": self._data_dir,
                 "stateDocument": f"{STATE_CATEGORY}/{self._state_name}",
-                "config": {**self._config.__dict__, "retrainIntervalMinutes": self._retrain_ms / 60_000},
+                "config": {**self._config.model_dump(), "retrainIntervalMinutes": self._retrain_ms / 60_000},
                 "startedAt": self._started_at, "restoredJobs": self._restored_jobs,
                 "runningTasks": sorted(self._refs), "stoppingTasks": sorted(self._stopping),
                 "placementGroups": dict(self._placement_groups),

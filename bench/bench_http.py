@@ -250,7 +250,8 @@ def _train_model(storage_handle) -> str:
 
     from ml.data.sources import synthetic_candles
     from ml.registry.versions import Registry
-    from ml.training.train import TrainConfig, train_local
+    from ml.training.config import TrainConfig
+    from ml.training.local import train_local
 
     class Remote:
         def __getattr__(self, name):

@@ -35,7 +35,7 @@ def _candles(n_bars: int):
 
 
 def _cfg(profile: str, epochs: int, threads: int):
-    from ml.training.train import TrainConfig
+    from ml.training.config import TrainConfig
 
     p = {"quick": {"layers": 1, "hidden": 32, "seq_len": 30, "dropout": 0.0},
          "full": {"layers": 2, "hidden": 50, "seq_len": 60, "dropout": 0.2}}[profile]
@@ -46,7 +46,8 @@ def _cfg(profile: str, epochs: int, threads: int):
 
 def _epoch_bench(profile: str, candles, epochs: int, threads: int) -> tuple[float, float, int]:
     """(median s/epoch, median samples/s, training windows) of `epochs` epochs of fit()."""
-    from ml.training.train import fit, new_model, prepare_dataset
+    from ml.training.dataset import prepare_dataset
+    from ml.training.loop import fit, new_model
 
     cfg = _cfg(profile, epochs, threads)
     ds = prepare_dataset(candles, cfg)
@@ -71,7 +72,7 @@ def _ensure_ray() -> bool:
 
 
 def run(quick: bool = False) -> list[BenchResult]:
-    from ml.training.train import train_local
+    from ml.training.local import train_local
 
     threads = 1  # the default (TrainConfig.threads = 0 -> 1 thread; one per CPU under Ray)
     n_bars = 8_000 if quick else 20_000

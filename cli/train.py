@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.submit_training import QueueNotRunning, request_from_args
-    from ml.queue.state import InvalidRequest
+    from ml.queue.requests import InvalidRequest
 
     try:
         request = request_from_args(args)
@@ -66,7 +66,8 @@ def _train_local(args: argparse.Namespace, request) -> int:
     from ml.config import get_settings
     from ml.registry.versions import Registry
     from ml.storage.store import Storage
-    from ml.training.train import TrainConfig, train_local
+    from ml.training.config import TrainConfig
+    from ml.training.local import train_local
 
     settings = get_settings()
     data_dir = Path(args.data_dir) if args.data_dir else Path(settings.data_dir)
@@ -88,7 +89,7 @@ def _train_local(args: argparse.Namespace, request) -> int:
 
     result = train_local(cfg, settings=settings, store=CandleStore(data_dir, settings.timeframe), on_epoch=on_epoch)
     meta = Registry(storage).register(request.pair, result)
-    from ml.queue.state import result_summary
+    from ml.queue.views import result_summary
 
     out = {"pair": request.pair, "modelType": request.model_type, **result_summary(meta, result),
            "metrics": result.metrics}  # the full evaluation: model, baseline, per horizon, calibration

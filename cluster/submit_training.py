@@ -1,4 +1,4 @@
-"""Queue a training job on a running cluster and follow it: the `ray job submit` entrypoint (SPEC §6, §9).
+"""Queue a training job on a running cluster and follow it: the `ray job submit` entrypoint.
 
     python -m cluster.submit_training --pair BTC [--model lstm] [--epochs 5] [--priority 5]
         [--batch-size N] [--learning-rate X] [--horizon H] [--max-attempts K]
@@ -28,11 +28,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ml.queue.state import COMPLETED, FAILED, InvalidRequest, TrainRequest
+from ml.queue.jobs import CANCELLED, COMPLETED, FAILED
+from ml.queue.requests import InvalidRequest, TrainRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 POLL_S = 0.5
-TERMINAL = {COMPLETED: EXIT_OK, FAILED: EXIT_FAILED, "cancelled": EXIT_FAILED}
+TERMINAL = {COMPLETED: EXIT_OK, FAILED: EXIT_FAILED, CANCELLED: EXIT_FAILED}
 
 
 class QueueNotRunning(RuntimeError):
@@ -126,7 +127,7 @@ def describe(job: dict[str, Any]) -> str:
         for key in ("accuracy", "brier", "baselineBrier"):
             if m.get(key) is not None:
                 parts.append(f"{key}={m[key]:.4f}")
-    if status in (FAILED, "cancelled") or (status == "queued" and job.get("error")):
+    if status in (FAILED, CANCELLED) or (status == "queued" and job.get("error")):
         if job.get("cancelReason"):
             parts.append(f"reason={job['cancelReason']}")
         if job.get("error"):

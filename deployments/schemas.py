@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ml.queue import requests as rq
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -34,12 +36,14 @@ class ErrorResponse(_Out):
 
 
 class TrainBody(_Body):
-    epochs: int | None = Field(None, ge=1, le=500)
-    batchSize: int | None = Field(None, ge=1, le=65536)
-    learningRate: float | None = Field(None, gt=0, le=1)
-    priority: int = Field(5, ge=1, le=10, description="1 runs first")
-    maxAttempts: int | None = Field(None, ge=1, le=10)
-    horizon: int | None = Field(None, ge=1, le=10_000, description="bars ahead")
+    """The POST /api/train body; its limits are the training queue's (ml.queue.requests)."""
+
+    epochs: int | None = Field(None, ge=rq.EPOCHS_MIN, le=rq.EPOCHS_MAX)
+    batchSize: int | None = Field(None, ge=rq.BATCH_SIZE_MIN, le=rq.BATCH_SIZE_MAX)
+    learningRate: float | None = Field(None, gt=0, le=rq.LEARNING_RATE_MAX)
+    priority: int = Field(rq.DEFAULT_PRIORITY, ge=rq.PRIORITY_MIN, le=rq.PRIORITY_MAX, description="1 runs first")
+    maxAttempts: int | None = Field(None, ge=rq.MAX_ATTEMPTS_MIN, le=rq.MAX_ATTEMPTS_MAX)
+    horizon: int | None = Field(None, ge=rq.HORIZON_MIN, le=rq.HORIZON_MAX, description="bars ahead")
 
 
 class PromoteBody(_Body):

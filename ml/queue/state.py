@@ -1,5 +1,5 @@
-"""The training queue as a pure state machine (SPEC §6). No Ray here: `actors/training_queue.py` is
-the thin shell that gives it a place in the cluster, runs the jobs and persists `snapshot()`.
+"""The training queue as a pure state machine. No Ray here: `actors/training_queue.py` is the thin
+shell that gives it a place in the cluster, runs the jobs and persists `snapshot()`.
 
 Every method that depends on time takes `now` (epoch ms) from the caller, so the rules are exact and
 testable with a fake clock.
@@ -34,31 +34,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ml.pairs import InvalidPairError, validate_pair
+from pydantic import ConfigDict, model_validator
 
-PRIORITY_MIN, PRIORITY_MAX = 1, 10
-DEFAULT_PRIORITY = 5
+from ml.config import QueueSettings
+from ml.queue import views
+from ml.queue.jobs import ACTIVE, CANCELLED, COMPLETED, FAILED, QUEUED, Job, cooldown_key
+from ml.queue.requests import PRIORITY_MAX, QueueError, TrainRequest
+from ml.queue.retrain import oldest
+from ml.queue.views import ACCEPTED, COOLDOWN, DUPLICATE, PAUSED, RECENT_HISTORY, SubmitOutcome, minutes_left
+from ml.registry.production import Production
+
 RETRY_PRIORITY_STEP = 2
-EPOCHS_MIN, EPOCHS_MAX = 1, 500
-RECENT_HISTORY = 20
 SNAPSHOT_VERSION = 1
-
-QUEUED, ACTIVE, COMPLETED, FAILED, CANCELLED = "queued", "training", "completed", "failed", "cancelled"
-FINISHED = (COMPLETED, FAILED, CANCELLED)
-
-ACCEPTED, DUPLICATE, COOLDOWN, PAUSED = "queued", "duplicate", "cooldown", "paused"
-HTTP_STATUS = {ACCEPTED: 202, DUPLICATE: 409, COOLDOWN: 429, PAUSED: 503}
-
-
-class QueueError(Exception):
-    """An operation the queue's rules do not allow."""
-
-
-class InvalidRequest(QueueError, ValueError):
-    """A training request with bad parameters (the caller's fault: HTTP 400/422, exit code 2)."""
 
 
 class JobNotFound(QueueError, KeyError):
@@ -72,15 +61,14 @@ class JobNotCancellable(QueueError):
     """The job already finished, or it is registering its result."""
 
 
-@dataclass(frozen=True)
-class QueueConfig:
-    max_concurrent: int = 1
-    cooldown_minutes: float = 30
-    max_attempts: int = 2
-    retry_base_s: float = 30
-    history_limit: int = 1000
+class QueueConfig(QueueSettings):
+    """The `queue` settings section (its fields and defaults are the one definition), checked for the
+    state machine and frozen."""
 
-    def __post_init__(self) -> None:
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> QueueConfig:
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         if self.max_attempts < 1:
@@ -89,6 +77,7 @@ class QueueConfig:
             raise ValueError("cooldown_minutes and retry_base_s must be >= 0")
         if self.history_limit < 1:
             raise ValueError("history_limit must be >= 1")
+        return self
 
     @classmethod
     def from_settings(cls, queue_settings: Any = None, **overrides: Any) -> QueueConfig:
@@ -97,11 +86,10 @@ class QueueConfig:
             from ml.config import get_settings
 
             queue_settings = get_settings().queue
-        names = {f.name for f in fields(cls)}
-        unknown = set(overrides) - names
+        unknown = set(overrides) - set(cls.model_fields)
         if unknown:
             raise ValueError(f"unknown queue settings: {', '.join(sorted(unknown))}")
-        values = {name: getattr(queue_settings, name) for name in names if hasattr(queue_settings, name)}
+        values = {name: getattr(queue_settings, name) for name in cls.model_fields if hasattr(queue_settings, name)}
         values.update(overrides)
         return cls(**values)
 
@@ -109,225 +97,13 @@ class QueueConfig:
     def cooldown_ms(self) -> int:
         return int(round(self.cooldown_minutes * 60_000))
 
+    @property
+    def retrain_interval_ms(self) -> int:
+        return int(self.retrain_interval_minutes * 60_000)
+
     def backoff_ms(self, attempt: int) -> int:
         """Delay before retrying after the `attempt`-th attempt failed (1-based): base * 2**(attempt-1)."""
         return int(round(self.retry_base_s * 1000 * 2 ** max(0, attempt - 1)))
-
-
-def cooldown_key(pair: str, model_type: str) -> str:
-    return f"{pair}:{model_type}"
-
-
-@dataclass
-class TrainRequest:
-    """What a caller asks for. `None` parameters take the training defaults from the settings.
-
-    `config_overrides` are extra keyword overrides for `TrainConfig.from_settings` (not exposed over
-    HTTP; used by operators' tooling and tests, e.g. a smaller `bars`).
-    """
-
-    pair: str
-    model_type: str = "lstm"
-    epochs: int | None = None
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    horizon: int | None = None
-    priority: int = DEFAULT_PRIORITY
-    max_attempts: int | None = None
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    source: str = "api"
-
-    def validate(self, model_types: Iterable[str] | None = None) -> TrainRequest:
-        """Raise InvalidRequest naming the first bad field; return self."""
-        try:
-            validate_pair(self.pair)
-        except InvalidPairError as exc:
-            raise InvalidRequest(str(exc)) from None
-        if not isinstance(self.model_type, str) or not self.model_type:
-            raise InvalidRequest("modelType must be a non-empty string")
-        if model_types is not None:
-            allowed = list(model_types)
-            if self.model_type not in allowed:
-                raise InvalidRequest(f"unknown or disabled model type {self.model_type!r}; one of {allowed}")
-        _check_int("priority", self.priority, PRIORITY_MIN, PRIORITY_MAX)
-        if self.epochs is not None:
-            _check_int("epochs", self.epochs, EPOCHS_MIN, EPOCHS_MAX)
-        if self.batch_size is not None:
-            _check_int("batchSize", self.batch_size, 1, 65_536)
-        if self.horizon is not None:
-            _check_int("horizon", self.horizon, 1, 10_000)
-        if self.max_attempts is not None:
-            _check_int("maxAttempts", self.max_attempts, 1, 100)
-        if self.learning_rate is not None and (
-            isinstance(self.learning_rate, bool)
-            or not isinstance(self.learning_rate, int | float)
-            or not math.isfinite(self.learning_rate)
-            or not 0 < self.learning_rate <= 1
-        ):
-            raise InvalidRequest("learningRate must be a number in (0, 1]")
-        if not isinstance(self.config_overrides, dict):
-            raise InvalidRequest("config_overrides must be a mapping")
-        return self
-
-    @classmethod
-    def from_api(cls, pair: str, model_type: str, body: dict[str, Any] | None, *,
-                 source: str = "api") -> TrainRequest:
-        """From an HTTP body in camelCase: {epochs, batchSize, learningRate, priority, maxAttempts, horizon}."""
-        body = dict(body or {})
-        known = {"epochs", "batchSize", "learningRate", "priority", "maxAttempts", "horizon"}
-        unknown = set(body) - known
-        if unknown:
-            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-        return cls(
-            pair=pair, model_type=model_type, epochs=body.get("epochs"), batch_size=body.get("batchSize"),
-            learning_rate=body.get("learningRate"), horizon=body.get("horizon"),
-            priority=body.get("priority", DEFAULT_PRIORITY), max_attempts=body.get("maxAttempts"),
-            source=source,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainRequest:
-        """From snake_case fields; unknown keys are ignored and None means "the default"."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names and v is not None})
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
-
-
-@dataclass
-class Job:
-    job_id: str
-    pair: str
-    model_type: str
-    priority: int
-    original_priority: int
-    max_attempts: int
-    params: dict[str, Any]
-    config_overrides: dict[str, Any]
-    source: str
-    created_at: int
-    seq: int
-    enqueued_at: int
-    status: str = QUEUED
-    not_before: int = 0
-    attempts: int = 0
-    started_at: int | None = None
-    finished_at: int | None = None
-    finalizing: bool = False
-    progress: dict[str, Any] | None = None
-    error: str | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    result: dict[str, Any] | None = None
-    cancel_reason: str | None = None
-    restored: int = 0
-    run_id: str | None = None  # identifies one start of the job (attempt + restore count)
-    head: bool = False  # interrupted by a restart: runs before every other queued job
-
-    @property
-    def key(self) -> str:
-        return cooldown_key(self.pair, self.model_type)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Job:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def view(self, now: int, *, position: int | None = None) -> dict[str, Any]:
-        """The camelCase JSON shape of SPEC §8 (`id` kept for the original service's clients)."""
-        out: dict[str, Any] = {
-            "id": self.job_id,
-            "jobId": self.job_id,
-            "pair": self.pair,
-            "modelType": self.model_type,
-            "status": self.status,
-            "priority": self.priority,
-            "originalPriority": self.original_priority,
-            "attempts": self.attempts,
-            "maxAttempts": self.max_attempts,
-            "params": {
-                "epochs": self.params.get("epochs"),
-                "batchSize": self.params.get("batch_size"),
-                "learningRate": self.params.get("learning_rate"),
-                "horizon": self.params.get("horizon"),
-            },
-            "source": self.source,
-            "createdAt": self.created_at,
-            "queuedAt": self.enqueued_at,
-            "startedAt": self.started_at,
-            "finishedAt": self.finished_at,
-        }
-        if self.status == QUEUED:
-            out["queuePosition"] = position
-            out["queuedFor"] = max(0, now - self.enqueued_at)
-            out["notBefore"] = self.not_before or None
-            out["retryInSeconds"] = max(0.0, (self.not_before - now) / 1000) if self.not_before else 0.0
-        if self.status == ACTIVE and self.started_at is not None:
-            out["duration"] = max(0, now - self.started_at)
-            out["finalizing"] = self.finalizing
-        if self.finished_at is not None and self.started_at is not None:
-            out["duration"] = max(0, self.finished_at - self.started_at)
-        if self.progress is not None:
-            out["progress"] = dict(self.progress)
-        if self.error:
-            out["error"] = self.error
-        if self.errors:
-            out["errors"] = [dict(e) for e in self.errors]
-        if self.result is not None:
-            out["result"] = self.result
-        if self.cancel_reason:
-            out["cancelReason"] = self.cancel_reason
-        if self.restored:
-            out["restored"] = self.restored
-        return out
-
-
-@dataclass
-class SubmitOutcome:
-    status: str  # ACCEPTED | DUPLICATE | COOLDOWN | PAUSED
-    job: Job | None = None
-    existing_job_id: str | None = None
-    retry_after_s: float | None = None
-    queue_position: int | None = None
-    message: str = ""
-    can_train: dict[str, Any] | None = None
-
-    @property
-    def accepted(self) -> bool:
-        return self.status == ACCEPTED
-
-    def to_dict(self, now: int) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "status": self.status,
-            "accepted": self.accepted,
-            "httpStatus": HTTP_STATUS[self.status],
-            "message": self.message,
-            "jobId": self.job.job_id if self.job else self.existing_job_id,
-            "queuePosition": self.queue_position,
-            "canTrain": self.can_train,
-        }
-        if self.existing_job_id:
-            out["existingJobId"] = self.existing_job_id
-        if self.retry_after_s is not None:
-            out["retryAfterSeconds"] = self.retry_after_s
-            out["cooldownRemainingMinutes"] = _minutes_left(self.retry_after_s * 1000)
-        if self.job is not None:
-            out["job"] = self.job.view(now, position=self.queue_position)
-            out["pair"], out["modelType"] = self.job.pair, self.job.model_type
-        return out
-
-
-def _minutes_left(ms: float) -> int:
-    """Whole minutes, rounded up: never 0 while any cooldown is left."""
-    return max(0, math.ceil(ms / 60_000))
 
 
 class QueueState:
@@ -422,7 +198,7 @@ class QueueState:
             return {"allowed": False, "reason": what, "cooldownRemainingMinutes": 0, "jobId": pending.job_id}
         left = self.cooldown_remaining_ms(pair, model_type, now)
         if left > 0:
-            return {"allowed": False, "reason": "Cooldown active", "cooldownRemainingMinutes": _minutes_left(left),
+            return {"allowed": False, "reason": "Cooldown active", "cooldownRemainingMinutes": minutes_left(left),
                     "cooldownRemainingSeconds": left / 1000}
         if len(self.active) < self.config.max_concurrent and not any(
             j.not_before <= now for j in self.queued.values()
@@ -683,61 +459,29 @@ class QueueState:
         self.last_retrain_at = int(now)
         self._changed()
 
-    def pick_retrain_target(self, candidates: Iterable[tuple[str, str, int | None]],
+    def pick_retrain_target(self, candidates: Iterable[tuple[str, str, Production | None]],
                             now: int) -> tuple[str, str] | None:
-        """The (pair, model) whose production model is oldest (None = no model: oldest of all),
-        skipping PAIR+models that are cooling down or already queued/active."""
-        eligible = [
-            (trained_at if trained_at is not None else -1, i, pair, model)
-            for i, (pair, model, trained_at) in enumerate(candidates)
-            if self.pending_for(pair, model) is None and self.cooldown_remaining_ms(pair, model, now) == 0
-        ]
-        if not eligible:
-            return None
-        _, _, pair, model = min(eligible)
-        return pair, model
+        """The (pair, model) whose production model is oldest by training time (no model: oldest of
+        all), skipping PAIR+models that are cooling down or already queued/active."""
+        return oldest(candidates, now, eligible=lambda pair, model: self.pending_for(pair, model) is None
+                      and self.cooldown_remaining_ms(pair, model, now) == 0)
 
     # ---------------------------------------------------------------- views
     def job_view(self, job_id: str, now: int) -> dict[str, Any] | None:
         job = self._find(job_id)
         if job is None:
             return None
-        return job.view(now, position=self.queue_position(job_id) if job.status == QUEUED else None)
+        return views.job_view(job, now, position=self.queue_position(job_id) if job.status == QUEUED else None)
 
     def cooldown_view(self, now: int) -> list[dict[str, Any]]:
-        out = []
-        for key, until in sorted(self.cooldowns.items(), key=lambda kv: kv[1]):
-            if until <= now:
-                continue
-            pair, model = key.split(":", 1)
-            out.append({"pair": pair, "modelType": model, "until": until,
-                        "cooldownRemainingMinutes": _minutes_left(until - now),
-                        "cooldownRemainingSeconds": (until - now) / 1000})
-        return out
+        return views.cooldown_view(self.cooldowns, now)
 
     def view(self, now: int, *, recent: int = RECENT_HISTORY) -> dict[str, Any]:
-        """SPEC §8 `queue` object: {active, queued, history, cooldowns, paused} (camelCase)."""
-        ordered = self.ordered_queue()
-        return {
-            "active": {
-                "count": len(self.active),
-                "maxConcurrent": self.config.max_concurrent,
-                "jobs": [j.view(now) for j in sorted(self.active.values(), key=lambda j: j.started_at or 0)],
-            },
-            "queued": {
-                "count": len(ordered),
-                "jobs": [j.view(now, position=i) for i, j in enumerate(ordered, start=1)],
-            },
-            "history": {
-                "total": self.history_total,
-                "kept": len(self.history),
-                "recent": [j.view(now) for j in reversed(self.history[-recent:])] if recent > 0 else [],
-            },
-            "cooldowns": self.cooldown_view(now),
-            "cooldownMinutes": self.config.cooldown_minutes,
-            "paused": self.paused,
-            "pausedAt": self.paused_at,
-        }
+        """The API's `queue` object (ml.queue.views.queue_view)."""
+        return views.queue_view(active=list(self.active.values()), queued=self.ordered_queue(), history=self.history,
+                          history_total=self.history_total, cooldowns=self.cooldowns,
+                          max_concurrent=self.config.max_concurrent, cooldown_minutes=self.config.cooldown_minutes,
+                          paused=self.paused, paused_at=self.paused_at, now=now, recent=recent)
 
     def summary(self, now: int) -> dict[str, Any]:
         """A small view for health endpoints."""
@@ -801,41 +545,6 @@ class QueueState:
         state.last_retrain_at = data.get("lastRetrainAt")
         state.revision = int(data.get("revision", 0))
         return state
-
-
-def result_summary(meta: Any, result: Any) -> dict[str, Any]:
-    """A small JSON-able record of a registered run (registry meta + TrainResult) for the history."""
-    meta = meta if isinstance(meta, dict) else {}
-    metrics = getattr(result, "metrics", None) or meta.get("metrics") or {}
-    model_m = metrics.get("model", {}) if isinstance(metrics, dict) else {}
-    base_m = metrics.get("baseline", {}) if isinstance(metrics, dict) else {}
-
-    def pick(d: dict, *names: str):
-        for n in names:
-            value = d.get(n)
-            if isinstance(value, float) and not math.isfinite(value):
-                return None  # documents are strict JSON
-            if isinstance(value, int | float | str | bool):
-                return value
-        return None
-
-    promotion = meta.get("promotion") if isinstance(meta.get("promotion"), dict) else {}
-    return {
-        "version": pick(meta, "version", "id"),
-        "production": pick(promotion, "promoted"),
-        "promotionReason": pick(promotion, "reason"),
-        "epochsRun": getattr(result, "epochs_run", None),
-        "stopped": getattr(result, "stopped", None),
-        "trainSeconds": round(float(getattr(result, "train_seconds", 0.0) or 0.0), 2),
-        "metrics": {
-            "accuracy": pick(model_m, "accuracy"),
-            "balancedAccuracy": pick(model_m, "balanced_accuracy"),
-            "brier": pick(model_m, "brier"),
-            "logLoss": pick(model_m, "log_loss"),
-            "baselineBrier": pick(base_m, "brier"),
-            "baselineLogLoss": pick(base_m, "log_loss"),
-        },
-    }
 
 
 def _num(value: Any) -> float | None:

@@ -1,4 +1,4 @@
-"""Labels, windows, chronological splits and the scaler (SPEC §4). numpy/pandas only.
+"""Labels, windows, chronological splits, the scaler, and the Dataset a run trains on. numpy/pandas only.
 
 Conventions
 * Rows are positions in the feature matrix (one row per candle after the warm-up), in time order.
@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
+
+if TYPE_CHECKING:
+    from ml.training.config import TrainConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -209,12 +213,6 @@ class StandardScaler:
         dtype = np.float32 if X.dtype == np.float32 else np.float64
         return ((X - self.mean_) / self.std_).astype(dtype, copy=False)
 
-    def inverse_transform(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X)
-        self._check(X)
-        dtype = np.float32 if X.dtype == np.float32 else np.float64
-        return (X * self.std_ + self.mean_).astype(dtype, copy=False)
-
     def to_json(self) -> dict:
         if self.mean_ is None:
             raise RuntimeError("StandardScaler is not fitted")
@@ -385,3 +383,79 @@ def latest_window(features: pd.DataFrame, scaler: StandardScaler, seq_len: int) 
             raise KeyError(f"features missing for this model: {', '.join(absent[:10])}")
         tail = tail[scaler.feature_names]
     return scaler.transform(tail.to_numpy(dtype=np.float32))[None, :, :]
+
+
+# ----------------------------------------------------------------------------- a run's dataset
+
+
+def prepare_dataset(candles: pd.DataFrame, cfg: TrainConfig) -> Dataset:
+    """Features -> labels -> purged chronological split -> scaler on train rows -> windows."""
+    from ml.features import feature_matrix
+
+    if candles is None or len(candles) == 0:
+        raise ValueError(f"no candles for {cfg.pair}")
+    features = feature_matrix(candles)
+    close = pd.Series(np.asarray(candles["close"], dtype=np.float64),
+                      index=np.asarray(candles["ts"], dtype=np.int64))
+    return build_dataset(features, close, cfg.horizons, cfg.seq_len, cfg.fractions, cfg.purge,
+                         materialize=False)
+
+
+def load_training_candles(cfg: TrainConfig, settings=None, store=None) -> pd.DataFrame:
+    """The candles a run trains on: the newest `cfg.bars` of the configured source."""
+    from ml.data.sources import load_candles
+
+    return load_candles(cfg.pair, settings, bars=cfg.bars, store=store)
+
+
+def pack_dataset(dataset: Dataset, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
+    """A compact, picklable form of a Dataset (e.g. for the Ray object store).
+
+    Windows of consecutive end rows overlap in all but one row, so a split is shipped as its block
+    of seq_len - 1 + N scaled feature rows instead of N x seq_len rows; unpack_dataset rebuilds the
+    windows as views. Splits not listed are shipped empty.
+    """
+    out: dict[str, Any] = {"seq_len": dataset.seq_len, "splits": {}}
+    for name in ("train", "val", "test"):
+        X, y = dataset.arrays(name)
+        ends = getattr(dataset.split, name)
+        ts = getattr(dataset, f"ts_{name}")
+        if name not in splits:
+            X, y, ends, ts = X[:0], y[:0], ends[:0], ts[:0]
+        if len(y) > 1 and np.all(np.diff(ends) == 1):
+            block = np.concatenate([X[0], X[1:, -1, :]]).astype(np.float32, copy=False)
+            entry = {"block": np.ascontiguousarray(block)}
+        else:
+            entry = {"X": np.ascontiguousarray(X, dtype=np.float32)}
+        entry.update(y=np.ascontiguousarray(y), ends=np.asarray(ends), ts=np.asarray(ts))
+        out["splits"][name] = entry
+    out.update(scaler=dataset.scaler.to_json(), feature_names=list(dataset.feature_names),
+               horizons=list(dataset.horizons), purge=dataset.purge, ranges=dict(dataset.ranges),
+               data_range=list(dataset.data_range))
+    return out
+
+
+def unpack_dataset(packed: dict) -> Dataset:
+    """The Dataset of pack_dataset (windows as read-only views over the shipped row blocks)."""
+    seq_len = int(packed["seq_len"])
+    arrays: dict[str, np.ndarray] = {}
+    ends: dict[str, np.ndarray] = {}
+    for name, entry in packed["splits"].items():
+        arrays[f"X_{name}"] = _window_view(entry["block"], seq_len) if "block" in entry else entry["X"]
+        arrays[f"y_{name}"] = entry["y"]
+        arrays[f"ts_{name}"] = entry["ts"]
+        ends[name] = entry["ends"]
+    return Dataset(
+        scaler=StandardScaler.from_json(packed["scaler"]), feature_names=list(packed["feature_names"]),
+        horizons=list(packed["horizons"]), seq_len=seq_len, purge=int(packed["purge"]),
+        split=SplitIndices(train=ends["train"], val=ends["val"], test=ends["test"], purge=int(packed["purge"])),
+        ranges=dict(packed["ranges"]), data_range=list(packed["data_range"]), **arrays,
+    )
+
+
+def train_arrays(dataset: Dataset, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Training windows and labels, cut to the newest `max_train_samples` if set."""
+    X, y = dataset.X_train, dataset.y_train
+    if cfg.max_train_samples and len(y) > cfg.max_train_samples:
+        X, y = X[-cfg.max_train_samples:], y[-cfg.max_train_samples:]
+    return X, y

@@ -1,4 +1,4 @@
-"""The four sequence models (SPEC §5), plain PyTorch and Ray-free.
+"""The four sequence models and the torch helpers around them, plain PyTorch and Ray-free.
 
 Every model maps a window of feature rows, shape (N, seq_len, n_features), to one LOGIT per
 configured horizon, shape (N, n_horizons). P(up) is sigmoid(logit) after calibration (see
@@ -14,12 +14,19 @@ numerically stable BCEWithLogitsLoss.
 
 ``layers``, ``hidden``, ``dropout`` come from the profile (quick 1 x 32, seq 30; full 2 x 50, seq 60,
 dropout 0.2); ``seq_len`` sizes the positional table.
+
+The helpers (deterministic kernels, weights to and from bytes, eval-mode logits) are shared by the
+training loop, Ray Train workers, the backtest and the registry's loader.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -143,3 +150,57 @@ def build_model(model_type: str, n_features: int, n_horizons: int, *, layers: in
 def count_params(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, threads: int) -> Iterator[None]:
+    """Seed torch, fix threads and use deterministic kernels for the duration (restored after)."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_threads = torch.get_num_threads()
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.set_num_threads(prev_threads)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def state_to_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+    """Raw logits (N, n_horizons) float64 in eval mode."""
+    core = unwrap(model)
+    was_training = core.training
+    core.eval()
+    out = []
+    for i in range(0, len(X), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(X[i:i + batch_size], dtype=np.float32))
+        out.append(core(xb).double().numpy())
+    core.train(was_training)
+    if not out:
+        return np.empty((0, 0))
+    return np.concatenate(out)

@@ -8,7 +8,9 @@ import ray
 
 from actors.trainer import CHECKPOINT_FILE, run_torch_trainer
 from ml.data.synthetic import ORIGIN_TS, generate_candles
-from ml.training.train import TrainConfig, TrainingCancelled, TrainResult
+from ml.training.config import TrainConfig
+from ml.training.loop import TrainingCancelled
+from ml.training.result import TrainResult
 
 pytestmark = pytest.mark.ray
 
@@ -81,7 +83,7 @@ def test_cancel_through_the_progress_actor_stops_the_run(ray_cluster, candles, t
 
 def test_single_worker_job_matches_train_local(ray_cluster, candles, tmp_path):
     """One training loop: the Ray Train job and the in-process run give the same probabilities."""
-    from ml.training.train import train_local
+    from ml.training.local import train_local
 
     cfg = small_cfg()
     via_ray = run_torch_trainer(cfg, data_dir=tmp_path, run_name="BTC_lstm_same", num_workers=1,

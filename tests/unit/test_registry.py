@@ -8,9 +8,12 @@ import torch
 
 from ml.data.synthetic import ORIGIN_TS, generate_candles
 from ml.features import feature_matrix
-from ml.registry.versions import FeatureMismatchError, NoModelError, Registry, load_model, promotion_decision
+from ml.registry.loader import FeatureMismatchError, NoModelError, load_model
+from ml.registry.versions import Registry, promotion_decision
 from ml.storage.store import Storage
-from ml.training.train import TrainConfig, predict_logits, state_from_bytes, train_local
+from ml.training.config import TrainConfig
+from ml.training.local import train_local
+from ml.training.nets import predict_logits, state_from_bytes
 
 N_BARS = 2500
 

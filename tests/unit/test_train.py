@@ -6,16 +6,10 @@ import pytest
 from ml.config import load_settings
 from ml.data.synthetic import ORIGIN_TS, generate_candles, rule_accuracy
 from ml.registry.versions import promotion_decision
-from ml.training.train import (
-    TrainConfig,
-    TrainingCancelled,
-    fit,
-    new_model,
-    pack_dataset,
-    prepare_dataset,
-    train_local,
-    unpack_dataset,
-)
+from ml.training.config import TrainConfig
+from ml.training.dataset import pack_dataset, prepare_dataset, unpack_dataset
+from ml.training.local import train_local
+from ml.training.loop import TrainingCancelled, fit, new_model
 
 BAR_MS = 300_000
 LEARN_BARS = 20_000
@@ -103,7 +97,8 @@ def test_early_stopping_restores_the_best_weights(small_dataset):
     assert [e["epoch"] for e in seen] == list(range(1, r.epochs_run + 1))
     assert {"epoch", "total", "loss", "val_loss", "elapsed_s", "eta_s"} <= set(seen[0])
     assert r.best_val_loss == min(e["val_loss"] for e in seen)
-    from ml.training.train import _bce, predict_logits
+    from ml.training.loop import _bce
+    from ml.training.nets import predict_logits
 
     assert _bce(predict_logits(model, ds.X_val), ds.y_val.astype(float)) == pytest.approx(r.best_val_loss)
 

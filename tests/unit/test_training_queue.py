@@ -1,4 +1,4 @@
-"""The training queue's rules (SPEC §6) on a fake clock: no Ray, no sleeping."""
+"""The training queue's rules on a fake clock: no Ray, no sleeping."""
 
 from __future__ import annotations
 
@@ -7,24 +7,12 @@ import random
 
 import pytest
 
-from ml.queue.state import (
-    ACCEPTED,
-    ACTIVE,
-    CANCELLED,
-    COMPLETED,
-    COOLDOWN,
-    DUPLICATE,
-    FAILED,
-    PAUSED,
-    QUEUED,
-    InvalidRequest,
-    JobNotCancellable,
-    JobNotFound,
-    QueueConfig,
-    QueueError,
-    QueueState,
-    TrainRequest,
-)
+from ml.queue.jobs import ACTIVE, CANCELLED, COMPLETED, FAILED, QUEUED
+from ml.queue.requests import InvalidRequest, QueueError, TrainRequest
+from ml.queue.retrain import oldest
+from ml.queue.state import JobNotCancellable, JobNotFound, QueueConfig, QueueState
+from ml.queue.views import ACCEPTED, COOLDOWN, DUPLICATE, PAUSED
+from ml.registry.production import production_from
 
 T0 = 1_750_000_000_000
 MIN = 60_000
@@ -400,9 +388,42 @@ def test_request_validation():
     assert TrainRequest.from_dict({"pair": "BTC", "priority": None, "model_type": None}).priority == 5
 
 
+def test_http_body_and_queue_accept_the_same_limits():
+    import pydantic
+
+    from deployments.schemas import TrainBody
+    from ml.queue import requests as rq
+
+    assert set(TrainBody.model_fields) == set(rq.API_FIELDS)
+    edges = {"epochs": (rq.EPOCHS_MIN, rq.EPOCHS_MAX), "batchSize": (rq.BATCH_SIZE_MIN, rq.BATCH_SIZE_MAX),
+             "priority": (rq.PRIORITY_MIN, rq.PRIORITY_MAX), "horizon": (rq.HORIZON_MIN, rq.HORIZON_MAX),
+             "maxAttempts": (rq.MAX_ATTEMPTS_MIN, rq.MAX_ATTEMPTS_MAX)}
+    for name, (lo, hi) in edges.items():
+        for value, ok in ((lo, True), (hi, True), (lo - 1, False), (hi + 1, False)):
+            queue_ok = True
+            try:
+                TrainRequest.from_api("BTC", "lstm", {name: value}).validate()
+            except InvalidRequest:
+                queue_ok = False
+            body_ok = True
+            try:
+                TrainBody(**{name: value})
+            except pydantic.ValidationError:
+                body_ok = False
+            assert queue_ok == body_ok == ok, (name, value)
+    assert rq.MAX_ATTEMPTS_MAX == 100
+
+
+def production(trained_at: int | None, promoted_at: int | None = None):
+    """A Production as ml.registry.production reads it (the registry writes meta key `trainedAt`)."""
+    meta = {} if trained_at is None else {"trainedAt": trained_at}
+    return production_from({"version": "v1", "promotedAt": promoted_at}, meta)
+
+
 def test_periodic_retrain_picks_oldest_skipping_cooldowns_and_duplicates():
     q = make(cooldown_minutes=10)
-    cands = [("BTC", "lstm", T0 - 5000), ("ETH", "lstm", T0 - 9000), ("XMR", "lstm", T0 - 1000)]
+    cands = [("BTC", "lstm", production(T0 - 5000)), ("ETH", "lstm", production(T0 - 9000)),
+             ("XMR", "lstm", production(T0 - 1000))]
     assert q.pick_retrain_target(cands, T0) == ("ETH", "lstm")
     assert q.pick_retrain_target([*cands, ("RVN", "lstm", None)], T0) == ("RVN", "lstm")  # no model yet
     submit(q, "ETH")
@@ -413,12 +434,26 @@ def test_periodic_retrain_picks_oldest_skipping_cooldowns_and_duplicates():
     q.start(jid, T0)
     q.succeed(jid, {}, T0)
     assert q.pick_retrain_target(cands, T0) == ("ETH", "lstm")
-    assert q.pick_retrain_target([("BTC", "lstm", 0)], T0) is None  # cooling down
+    assert q.pick_retrain_target([("BTC", "lstm", production(0))], T0) is None  # cooling down
     assert q.retrain_due(0, T0) is False
     assert q.retrain_due(MIN, T0) is True
     q.mark_retrain(T0)
     assert q.retrain_due(MIN, T0 + MIN - 1) is False
     assert q.retrain_due(MIN, T0 + MIN) is True
+
+
+def test_periodic_retrain_ages_a_model_by_its_training_time_not_its_promotion():
+    day = 24 * 60 * MIN
+    # BTC's version was trained 10 days ago but promoted (e.g. a rollback) an hour ago; ETH's was
+    # trained and promoted 2 days ago. By training time BTC's model is the older one.
+    cands = [("ETH", "lstm", production(T0 - 2 * day, promoted_at=T0 - 2 * day)),
+             ("BTC", "lstm", production(T0 - 10 * day, promoted_at=T0 - 60 * MIN))]
+    assert oldest(cands, T0) == ("BTC", "lstm")
+    assert make().pick_retrain_target(cands, T0) == ("BTC", "lstm")
+    # a version written without trainedAt is aged by its promotion time
+    legacy = [("ETH", "lstm", production(T0 - 2 * day)), ("XMR", "lstm", production(None, promoted_at=T0 - 5 * day))]
+    assert oldest(legacy, T0) == ("XMR", "lstm")
+    assert oldest([], T0) is None
 
 
 def test_config_from_settings_and_overrides():
@@ -482,7 +517,7 @@ def test_follow_prints_one_line_per_change_and_maps_exit_codes():
 def test_result_summary_tolerates_partial_records():
     from types import SimpleNamespace
 
-    from ml.queue.state import result_summary
+    from ml.queue.views import result_summary
 
     res = SimpleNamespace(metrics={"model": {"accuracy": 0.55, "brier": 0.245}, "baseline": {"brier": 0.25}},
                           epochs_run=3, stopped="completed", train_seconds=1.234)

@@ -1,0 +1,110 @@
+"""TrainResult: a finished run, and the payload (meta + files) the registry stores as a model version."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from ml.clock import now_ms
+from ml.training.config import TrainConfig
+from ml.training.dataset import Dataset
+from ml.training.evaluate import calibrate_and_evaluate
+from ml.training.loop import FitResult
+from ml.training.nets import count_params, state_to_bytes, unwrap
+
+
+@dataclass
+class TrainResult:
+    """A finished run: everything a model version needs, plus test predictions for analysis."""
+
+    pair: str
+    model_type: str
+    state_dict: bytes
+    scaler: dict
+    feature_names: list[str]
+    feature_hash: str
+    config: dict
+    model_spec: dict
+    data_range: dict
+    metrics: dict
+    calibration: dict
+    epochs_run: int
+    best_epoch: int
+    stopped: str
+    history: list[dict]
+    trained_at: int                      # epoch ms (UTC)
+    train_seconds: float
+    test_ts: np.ndarray | None = None    # prediction times of the test rows
+    test_probs: np.ndarray | None = None  # calibrated P(up) (n_test, n_horizons)
+    run_info: dict = field(default_factory=lambda: {"runner": "local"})
+
+    @property
+    def temperature(self) -> list[float | None]:
+        return list(self.calibration.get("temperature", []))
+
+    def to_registry_payload(self) -> dict:
+        """{"meta": JSON-ready dict, "files": {"weights.pt": bytes, "scaler.json": bytes}}."""
+        meta = {
+            "pair": self.pair,
+            "modelType": self.model_type,
+            "model": self.model_spec,
+            "featureNames": list(self.feature_names),
+            "featureHash": self.feature_hash,
+            "config": self.config,
+            "dataRange": self.data_range,
+            "metrics": self.metrics,
+            "calibration": self.calibration,
+            "temperature": self.temperature,
+            "epochsRun": self.epochs_run,
+            "bestEpoch": self.best_epoch,
+            "stopped": self.stopped,
+            "history": self.history,
+            "trainedAt": self.trained_at,
+            "trainSeconds": self.train_seconds,
+            "run": self.run_info,
+        }
+        files = {"weights.pt": self.state_dict,
+                 "scaler.json": json.dumps(self.scaler, sort_keys=True).encode()}
+        return {"meta": meta, "files": files}
+
+
+def feature_hash(names: list[str]) -> str:
+    from ml.features import feature_names_hash
+
+    return feature_names_hash(names)
+
+
+def build_result(cfg: TrainConfig, dataset: Dataset, model: nn.Module, fit_result: FitResult,
+                 train_seconds: float) -> TrainResult:
+    """Calibrate + evaluate `model` (best weights loaded) and package the run."""
+    core = unwrap(model)
+    calibrator, metrics, p_test = calibrate_and_evaluate(core, dataset, cfg)
+    summary = dataset.summary()
+    return TrainResult(
+        pair=cfg.pair,
+        model_type=cfg.model_type,
+        state_dict=state_to_bytes(core.state_dict()),
+        scaler=dataset.scaler.to_json(),
+        feature_names=list(dataset.feature_names),
+        feature_hash=feature_hash(list(dataset.feature_names)),
+        config=cfg.model_dump(),
+        model_spec={"type": cfg.model_type, "n_features": len(dataset.feature_names),
+                    "n_horizons": len(dataset.horizons), "horizons": list(dataset.horizons),
+                    "params": count_params(core), **cfg.model_kwargs()},
+        data_range={"start": summary["dataRange"][0], "end": summary["dataRange"][1],
+                    "splits": summary["ranges"], "counts": summary["counts"], "purge": summary["purge"],
+                    "scaler_fit_rows": summary["scalerFitRows"], "base_rate": summary["baseRate"]},
+        metrics=metrics,
+        calibration=calibrator.to_dict(),
+        epochs_run=fit_result.epochs_run,
+        best_epoch=fit_result.best_epoch,
+        stopped=fit_result.stopped,
+        history=fit_result.history,
+        trained_at=now_ms(),
+        train_seconds=train_seconds,
+        test_ts=np.asarray(dataset.ts_test),
+        test_probs=p_test,
+    )
