@@ -1,4 +1,4 @@
-"""Errors of the HTTP API as JSON (SPEC §8): `{"error": code, "message": ..., ...}`, never an HTML page.
+"""Errors of the HTTP API as JSON: `{"error": code, "message": ..., ...}`, never an HTML page.
 
 * `ApiError` — raised by handlers for expected failures (unknown pair, duplicate job, ...).
 * `install(app)` registers the handlers: request validation (malformed JSON -> 400 `invalid_json`,
@@ -8,7 +8,7 @@
 * `BodyLimitMiddleware` — a pure ASGI middleware: bodies over the limit are refused with 413 before
   any handler runs (declared Content-Length or counted while streaming). GET requests pass straight
   through, so the no-op route pays nothing for it.
-* `require_token` — the FastAPI dependency for mutating routes: when a token is configured,
+* `check_token` — what the mutating routes' dependency checks: when a token is configured,
   `Authorization: Bearer <token>` must match (constant-time compare), else 401 with
   `WWW-Authenticate: Bearer`.
 """
@@ -158,10 +158,6 @@ def install(app: FastAPI) -> None:
 
 
 # ----------------------------------------------------------------------------------- body limit
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class BodyLimitMiddleware:

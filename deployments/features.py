@@ -1,9 +1,9 @@
-"""The feature deployment: the latest window of a pair's feature matrix (SPEC §4), for serving.
+"""The feature deployment: the latest window of a pair's feature matrix, for serving.
 
 `window(pair, candle_ts, rows)` reads the newest candles up to the bar that opens at `candle_ts`
 (the candle store on the shared volume; with `data.source: core` the core service, live), computes
 `ml.features.latest_window` in a worker thread (the event loop stays free) and returns the
-JSON-able window of `deployments.common.encode_window`.
+JSON-able window of `ml.features.encode_window`.
 
 Caching: callers (the predictor and the ingress's features endpoint) go through the Redis cache
 under `cache_key(FEATURES, pair=, candle_ts=, extra="w<rows>")` and call this deployment only on a
@@ -23,7 +23,9 @@ from typing import Any
 
 from ray import serve
 
-from deployments.common import AppArgs, apply_env, encode_window, now_ms, replica_tag
+from deployments.args import AppArgs
+from deployments.replica import apply_env, replica_tag
+from ml.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class FeaturesImpl:
 
     def _window(self, pair: str, candle_ts: int | None, rows: int) -> dict[str, Any]:
         from ml.data.store import NoCandlesError
-        from ml.features import LOOKBACK_BARS, WARMUP_BARS, feature_names_hash, latest_window
+        from ml.features import LOOKBACK_BARS, WARMUP_BARS, encode_window, feature_names_hash, latest_window
         from ml.pairs import validate_pair
 
         validate_pair(pair)
@@ -93,10 +95,5 @@ class FeaturesImpl:
 
 
 # Decorated here (not with @): the class stays importable by name, so Serve pickles it by reference.
-FeatureDeployment = serve.deployment(
-    name="Features",
-    max_ongoing_requests=16,
-    ray_actor_options={"num_cpus": 0.1},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-                        "upscale_delay_s": 10, "downscale_delay_s": 120, "look_back_period_s": 15},
-)(FeaturesImpl)
+# Its options (replicas, autoscaling, resources) come from serve_config.yaml only.
+FeatureDeployment = serve.deployment(name="Features")(FeaturesImpl)

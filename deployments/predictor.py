@@ -1,4 +1,4 @@
-"""The predictor deployment: production models per PAIR+model version, batched inference (SPEC §5, §8).
+"""The predictor deployment: production models per PAIR+model version, batched inference.
 
 * Models: Serve model multiplexing. A model id is `PAIR:model_type:version`; the ingress sends
   each request with `multiplexed_model_id` set, so Serve routes it to a replica that already holds
@@ -18,9 +18,10 @@
   while a batch runs form the next batch.
 
 `predict` returns `{"prediction": {...}, "replica", "featuresCached", ...}`; the prediction has the
-SPEC §8 shape. Expected conditions (not enough data, features that differ from the model's) come
-back as fallback predictions with a `reason`; exceptions are real failures (the ingress answers
-with a fallback too and does not cache it).
+shape of `ml.serving.prediction` (the API's `Prediction` schema). Expected conditions (not enough
+data, features that differ from the model's) come back as fallback predictions with a `reason`;
+exceptions are real failures (the ingress answers with a fallback too and does not cache it).
+`ml.features` is imported lazily: it reads the settings at import, after `apply_env`.
 """
 
 from __future__ import annotations
@@ -36,71 +37,22 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deployments.common import (
-    AppArgs,
-    apply_env,
-    decode_window,
-    direct,
-    finite_or_none,
-    model_id,
-    now_ms,
-    parse_model_id,
-    replica_tag,
-)
+from deployments.args import AppArgs
+from deployments.replica import apply_env, direct, replica_tag
+from ml.clock import now_ms
+from ml.serving.model_ids import model_id, parse_model_id
+from ml.serving.prediction import fallback_prediction, model_prediction
 
 log = logging.getLogger(__name__)
 
 MAX_MODELS_PER_REPLICA = 8
 LOCAL_WINDOWS = 256  # decoded feature windows kept per replica (keys name the candle: never stale)
-# A few well-known features shown with every prediction (the rest: GET /api/features/{pair}).
-SAMPLE_FEATURES = ("rsi_14", "macd_hist", "bb_pct_b", "stoch_k", "adx_14", "vol_ratio_20",
-                   "volat_atr_pct_14", "ret_log_1")
-
-
-def fallback_prediction(*, model_type: str, version: str | None, horizon: int, reason: str,
-                        as_of: int | None = None, timeframe_ms: int | None = None) -> dict[str, Any]:
-    """The neutral HOLD answered when there is no model, no data or an error (SPEC §8)."""
-    from ml.serving.signals import neutral
-
-    s = neutral()
-    target = as_of + horizon * timeframe_ms if as_of is not None and timeframe_ms else None
-    return {
-        "direction": s.direction, "probability": s.probability, "confidence": s.confidence,
-        "signal": s.signal, "modelType": model_type, "modelVersion": version, "horizon": int(horizon),
-        "asOf": as_of, "targetTime": target, "stale": False, "fallback": True, "reason": reason,
-        "features": {"count": 0, "sample": {}},
-    }
 
 
 def _init_inference_thread(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def _feature_index() -> dict[str, int]:
-    from ml.features import FEATURE_NAMES
-
-    return {name: i for i, name in enumerate(FEATURE_NAMES)}
-
-
-class _LazyIndex(dict):
-    """FEATURE_NAMES -> column, built on first use (ml.features is imported lazily in replicas)."""
-
-    def _fill(self) -> None:
-        if not self:
-            self.update(_feature_index())
-
-    def __contains__(self, key: object) -> bool:
-        self._fill()
-        return super().__contains__(key)
-
-    def __getitem__(self, key: str) -> int:
-        self._fill()
-        return super().__getitem__(key)
-
-
-_INDEX = _LazyIndex()
 
 
 class PredictorImpl:
@@ -138,7 +90,7 @@ class PredictorImpl:
         """Load one version from the registry (called by Serve's LRU on a miss)."""
         pair, model_type, version = parse_model_id(mid)
         from ml.features import FEATURE_NAMES
-        from ml.registry.versions import FeatureMismatchError, load_model
+        from ml.registry.loader import FeatureMismatchError, load_model
 
         try:
             model = await asyncio.to_thread(load_model, self.reader, pair, model_type, version)
@@ -156,6 +108,7 @@ class PredictorImpl:
     async def predict(self, req: dict[str, Any]) -> dict[str, Any]:
         """req: {pair, modelType, version, candleTs, horizon}. See the module docstring."""
         from ml.cache.keys import CacheKind, cache_key
+        from ml.features.window import decode_window
         from ml.serving.signals import classify, is_stale
 
         self.stats_["requests"] += 1
@@ -204,28 +157,10 @@ class PredictorImpl:
         # Rounded once, so probability and confidence shown agree exactly (confidence = |p - 0.5| * 2).
         p_up = round(float(out[model.horizons.index(horizon)]), 6)
         s = classify(p_up, self.settings.signals.strong, self.settings.signals.weak)
-        from ml.features import FEATURE_NAMES
-
-        last = window[-1]
-        sample = {}
-        for name in SAMPLE_FEATURES:
-            if name in _INDEX:
-                sample[name] = finite_or_none(round(float(last[_INDEX[name]]), 6))
-        now = now_ms()
-        prediction = {
-            "direction": s.direction,
-            "probability": s.probability,
-            "confidence": round(s.confidence, 6),
-            "signal": s.signal,
-            "modelType": model_type,
-            "modelVersion": version,
-            "horizon": horizon,
-            "asOf": as_of,
-            "targetTime": as_of + horizon * self.tf,
-            "stale": is_stale(model.meta.get("trainedAt"), now, self.settings.signals.expire_hours),
-            "fallback": False,
-            "features": {"count": len(FEATURE_NAMES), "sample": sample},
-        }
+        prediction = model_prediction(
+            s, model_type=model_type, version=version, horizon=horizon, as_of=as_of, timeframe_ms=self.tf,
+            stale=is_stale(model.meta.get("trainedAt"), now_ms(), self.settings.signals.expire_hours),
+            last=window[-1])
         out = self._answer(prediction, source)
         out["predictorMs"] = round((time.perf_counter() - t0) * 1000, 3)
         return out
@@ -277,10 +212,5 @@ class PredictorImpl:
 
 
 # Decorated here (not with @): the class stays importable by name, so Serve pickles it by reference.
-PredictorDeployment = serve.deployment(
-    name="Predictor",
-    max_ongoing_requests=32,
-    ray_actor_options={"num_cpus": 0.25},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-                        "upscale_delay_s": 5, "downscale_delay_s": 60, "look_back_period_s": 15},
-)(PredictorImpl)
+# Its options (replicas, autoscaling, resources) come from serve_config.yaml only.
+PredictorDeployment = serve.deployment(name="Predictor")(PredictorImpl)

@@ -3,9 +3,9 @@ accuracy and Brier against the base rate, and decide when a production model has
 
 Ray-free. Used by the accuracy monitor actor (`actors/accuracy_monitor.py`, which persists the
 resolutions and queues retraining) and by the ingress (`GET /api/predictions/{pair}/accuracy`,
-history), so both apply exactly the same rules.
+history: `with_outcomes`, `accuracy_summary`), so both apply exactly the same rules.
 
-Bar convention (the training label's, ml/datasets.py: `direction_h = close[t+h] > close[t]`): a
+Bar convention (the training label's, ml/training/dataset.py: `direction_h = close[t+h] > close[t]`): a
 prediction made on the window ending with bar t (candle ts = open time) has `asOf` = close time of
 bar t = `ts_t + tf` and `targetTime = asOf + h * tf` = close time of bar t+h. So it is resolved by
 
@@ -24,7 +24,7 @@ the rolling numbers: one prediction = (modelType, modelVersion, asOf, horizon).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +213,51 @@ def degraded(stats: Mapping[str, Any], min_n: int, margin: float) -> tuple[bool,
     return False, f"live Brier {brier:.4f} is within {margin:g} of the base rate's {base:.4f} (n={n})"
 
 
+def judged(stats: Mapping[str, Any], min_n: int, margin: float) -> dict[str, Any]:
+    """`stats` with the verdict of `degraded`: `degraded` and `degradedReason`."""
+    flag, reason = degraded(stats, min_n, margin)
+    return {**stats, "degraded": flag, "degradedReason": reason}
+
+
+def accuracy_summary(records: list[Mapping[str, Any]], window: int,
+                     production: Mapping[str, tuple[str, float | None] | None], *, model_type: str | None,
+                     reference: float | None, min_n: int, margin: float) -> dict[str, Any]:
+    """The live accuracy of a pair's served records: overall (of `model_type`, or every type and
+    version when None, against `reference`) and per model type of `production` ({type: (production
+    version, its reference_rate)} or None without a model), each judged by `degraded`."""
+    models: dict[str, dict[str, Any]] = {}
+    for t, prod in production.items():
+        if prod is None:
+            models[t] = {"version": None}
+            continue
+        version, ref = prod
+        stats = rolling_stats(records, window, model_type=t, model_version=version, reference=ref)
+        models[t] = {"version": version, **judged(stats, min_n, margin)}
+    overall = rolling_stats(records, window, model_type=model_type, reference=reference)
+    return {"window": window, "modelType": model_type, **judged(overall, min_n, margin),
+            "pending": pending_count(records, model_type), "minN": min_n, "margin": margin, "models": models}
+
+
+def with_outcomes(records: list[dict], timeframe_ms: int, now_ms: int,
+                  read_candles: Callable[[int, int], Any] | None = None) -> list[dict]:
+    """Records with their realized outcome: the monitor's persisted resolution where it has run, else
+    resolved here by the same rule from `read_candles(first_ts, last_ts)` (not persisted, so answers
+    stay fresh between monitor passes; None: nothing resolves on the fly). `outcome` repeats
+    realizedDirection for older clients. In place, also returned."""
+    if read_candles is not None:
+        span = bars_needed(records, timeframe_ms, now_ms)
+        if span is not None:
+            try:
+                candles = read_candles(span[0], span[1])
+            except Exception:  # noqa: BLE001 - no candles: nothing resolves on the fly
+                candles = None
+            apply_updates(records, resolve(records, candles, timeframe_ms, now_ms))
+    for r in records:
+        if r.get("realizedDirection") is not None:
+            r["outcome"] = r["realizedDirection"]
+    return records
+
+
 # ------------------------------------------------------------------------------------------ tracker
 
 
@@ -323,6 +368,6 @@ class LiveTracker:
                 "since": st.since, "newestRecord": st.newest}
 
 
-__all__ = ["SCAN_LIMIT", "LiveTracker", "RESOLVED_FIELDS", "apply_updates", "bars_needed", "closes_by_ts", "degraded",
-           "distinct_resolved", "is_resolved", "is_trackable", "pending_count", "prediction_key", "reference_rate",
-           "resolve", "rolling_stats"]
+__all__ = ["SCAN_LIMIT", "LiveTracker", "RESOLVED_FIELDS", "accuracy_summary", "apply_updates", "bars_needed",
+           "closes_by_ts", "degraded", "distinct_resolved", "is_resolved", "is_trackable", "judged", "pending_count",
+           "prediction_key", "reference_rate", "resolve", "rolling_stats", "with_outcomes"]

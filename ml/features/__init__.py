@@ -1,5 +1,5 @@
-"""Features (SPEC §4): the causal per-timestep feature matrix, its fast serving window, and the
-look-ahead check that any feature function can be run through."""
+"""Features: the causal per-timestep feature matrix, its fast serving window (and its JSON codec), and
+the look-ahead check that any feature function can be run through. Imports ml only (no Ray)."""
 
 from ml.features.catalog import CATALOG, FeatureSpec
 from ml.features.causality import LeakReport, LookAheadError, assert_causal, find_lookahead
@@ -11,8 +11,8 @@ from ml.features.matrix import (
     WARMUP_BARS,
     feature_matrix,
     feature_names_hash,
-    latest_window,
 )
+from ml.features.window import decode_window, encode_window, last_row, latest_window
 
 __all__ = [
     "CATALOG",
@@ -25,8 +25,11 @@ __all__ = [
     "LeakReport",
     "LookAheadError",
     "assert_causal",
+    "decode_window",
+    "encode_window",
     "feature_matrix",
     "feature_names_hash",
     "find_lookahead",
+    "last_row",
     "latest_window",
 ]

@@ -338,26 +338,3 @@ def feature_matrix(candles: pd.DataFrame, *, drop_warmup: bool = True) -> pd.Dat
     block[:, :w] = np.nan
     return _frame(block, ts)
 
-
-def latest_window(candles: pd.DataFrame, rows: int) -> pd.DataFrame:
-    """The last `rows` rows of feature_matrix(candles), computed for serving from the tail only.
-
-    The windowed features are computed from the last LOOKBACK_BARS + rows candles; the Parabolic
-    SAR, the one path-dependent indicator, from all candles given (one C pass, microseconds).
-    Equal to feature_matrix(candles).tail(rows) up to float rounding.
-    """
-    if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
-        raise ValueError(f"rows must be a positive integer, got {rows!r}")
-    rows = int(rows)
-    ts, o, h, lo, c, v = _arrays(candles)
-    n = len(ts)
-    need = WARMUP_BARS + rows
-    if n < need:
-        raise ValueError(
-            f"latest_window needs at least {need} candles ({WARMUP_BARS} warm-up + {rows} rows), got {n}")
-    start = max(0, n - (LOOKBACK_BARS + rows))
-    sar_raw = None
-    if start > 0:
-        sar_raw = ind.parabolic_sar(h, lo, _SAR_ACCELERATION, _SAR_MAXIMUM)[start:]
-    block = _compute(ts[start:], o[start:], h[start:], lo[start:], c[start:], v[start:], sar_raw)
-    return _frame(block[:, -rows:], ts[-rows:])

@@ -1,4 +1,4 @@
-"""From a calibrated P(up) to what a trader reads: direction, confidence and a five-level signal (SPEC §5).
+"""From a calibrated P(up) to what a trader reads: direction, confidence and a five-level signal.
 
 Ray-free and tiny, so the serving code, the CLI and the backtests agree on one rule.
 

@@ -62,6 +62,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
         time.sleep(interval)
 
 
+def ingress_sees_candle(client, pair: str, candle_ts: int, timeout: float = 15.0) -> None:
+    """Wait until the ingress's snapshot of `pair` ends with the candle opening at `candle_ts` (it
+    re-reads the candle store at most every snapshot_interval_s)."""
+    def seen() -> bool:
+        by = {p["pair"]: p for p in _json(client.get("/api/pairs"))["pairs"]}
+        return ((by.get(pair) or {}).get("coverage") or {}).get("end") == candle_ts
+
+    wait_for(seen, timeout, interval=0.05, what=f"the ingress to see the {pair} candle {candle_ts}")
+
+
 class _ActorStorage:
     """Registry writes through the Storage actor (the single writer), blocking."""
 
@@ -80,7 +90,8 @@ class _ActorStorage:
 def _train_and_register(pair: str, seed: int, storage) -> str:
     from ml.data.sources import synthetic_candles
     from ml.registry.versions import Registry
-    from ml.training.train import TrainConfig, train_local
+    from ml.training.config import TrainConfig
+    from ml.training.local import train_local
 
     cfg = TrainConfig.from_settings(pair, "lstm", epochs=1, bars=1500, seed=seed, threads=1)
     result = train_local(cfg, synthetic_candles(pair, bars=1500))
@@ -230,7 +241,7 @@ def test_prediction_is_real_cached_and_recomputed_on_new_candle_and_new_version(
         """Append the next closed candle of SVA; returns its open time."""
         end = store.coverage("SVA")["end"]
         assert store.append("SVA", synthetic_candles("SVA", bars=1, end_ts=end + TF)) == 1
-        time.sleep(0.5)  # the ingress re-reads the candle store at most every snapshot_interval_s (0.2 s)
+        ingress_sees_candle(c, "SVA", end + TF)
         return end + TF
 
     before = _json(c.get("/api/predictions/SVA/history", params={"limit": 1}))["totalCount"]
@@ -290,7 +301,7 @@ def test_prediction_is_real_cached_and_recomputed_on_new_candle_and_new_version(
     assert ahead and not any(r.get("outcome") or r.get("realizedDirection") for r in ahead)
     acc = AccuracyResponse.model_validate(_json(c.get("/api/predictions/SVA/accuracy")))
     assert acc.pending >= 1 and acc.degraded is False, acc
-    time.sleep(0.5)
+    ingress_sees_candle(c, "SVA", last + 6 * TF)
 
     # hits (also those answered from the replica's memory) reach the shared counters in Redis
     def hits() -> int:
@@ -502,8 +513,26 @@ def test_storage_endpoints(served):
         assert {"count", "sizeBytes"} <= set(stats.storage[cat]), cat
     assert stats.storage["models"]["count"] >= 2 and stats.storage["totalSizeBytes"] > 0
     assert "cacheHits" in stats.performance
-    save = SaveResponse.model_validate(_json(c.post("/api/storage/save", headers=AUTH)))
-    assert save.success is True and save.savedCount >= 0
+    # A save writes what is buffered: first everything (the ingress's history and the Storage actor's
+    # buffer), then exactly the records of the predictions served since. The actor also flushes on
+    # its own once its oldest buffered record is prediction_flush_seconds old, so an attempt slower
+    # than that is repeated.
+    from ml.config import get_settings
+
+    flush_s = get_settings().storage.prediction_flush_seconds
+    served_n = 3
+    for _attempt in range(3):
+        drained = SaveResponse.model_validate(_json(c.post("/api/storage/save", headers=AUTH)))
+        assert drained.success is True and drained.savedCount >= 0
+        t0 = time.monotonic()
+        for _ in range(served_n):
+            assert c.get("/api/predictions/SVA").status_code == 200
+        save = SaveResponse.model_validate(_json(c.post("/api/storage/save", headers=AUTH)))
+        if time.monotonic() - t0 < flush_s * 0.75:
+            break
+    else:
+        pytest.fail(f"serving {served_n} predictions and saving never took less than {flush_s * 0.75:.2f} s")
+    assert save.success is True and save.savedCount == served_n, save
     r = c.post("/api/storage/cleanup", json={"maxAgeHours": 1_000_000}, headers=AUTH)
     cleanup = CleanupResponse.model_validate(_json(r))
     assert cleanup.success is True and cleanup.maxAgeHours == 1_000_000
@@ -664,7 +693,7 @@ def test_served_predictions_resolve_after_the_horizon_and_the_accuracy_endpoint_
     # the streaming feed, one bar on (its clock set to the next bar's close): a new prediction
     feed = CandleFeed(served["data_dir"], pairs=[LIVE])
     assert feed.tick(now_ms=end + 2 * TF) == {LIVE: 1}
-    time.sleep(0.5)  # the ingress re-reads the candle store at most every snapshot_interval_s (0.2 s)
+    ingress_sees_candle(c, LIVE, end + TF)
     second = PredictionResponse.model_validate(predict()).prediction
     assert not second.fallback and second.asOf == end + 2 * TF, second
     served_n = 3

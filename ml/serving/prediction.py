@@ -1,0 +1,112 @@
+"""The prediction a client reads: a model's answer (direction, probability, signal, times, a few
+feature values) or the neutral HOLD fallback when there is no model, no data or an error, and the
+body of `GET /api/predictions/{pair}` around it.
+
+`ml.features` is imported lazily: a Serve replica sets its environment before the settings that
+the feature module reads at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ml.serving.signals import Signal, neutral
+
+# A few well-known features shown with every prediction (the rest: GET /api/features/{pair}).
+SAMPLE_FEATURES = ("rsi_14", "macd_hist", "bb_pct_b", "stoch_k", "adx_14", "vol_ratio_20",
+                   "volat_atr_pct_14", "ret_log_1")
+
+
+def finite_or_none(x: float) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+class _LazyIndex(dict):
+    """FEATURE_NAMES -> column, built on first use (see the module docstring)."""
+
+    def _fill(self) -> None:
+        if not self:
+            from ml.features import FEATURE_NAMES
+
+            self.update({name: i for i, name in enumerate(FEATURE_NAMES)})
+
+    def __contains__(self, key: object) -> bool:
+        self._fill()
+        return super().__contains__(key)
+
+    def __getitem__(self, key: str) -> int:
+        self._fill()
+        return super().__getitem__(key)
+
+
+_INDEX = _LazyIndex()
+
+
+def feature_sample(last: np.ndarray) -> dict[str, Any]:
+    """`features` of a prediction: how many features the model read and SAMPLE_FEATURES' values."""
+    from ml.features import FEATURE_NAMES
+
+    sample = {}
+    for name in SAMPLE_FEATURES:
+        if name in _INDEX:
+            sample[name] = finite_or_none(round(float(last[_INDEX[name]]), 6))
+    return {"count": len(FEATURE_NAMES), "sample": sample}
+
+
+def model_prediction(s: Signal, *, model_type: str, version: str, horizon: int, as_of: int, timeframe_ms: int,
+                     stale: bool, last: np.ndarray) -> dict[str, Any]:
+    """A model's answer; `as_of` is the close time of the last candle of the window it read."""
+    return {
+        "direction": s.direction,
+        "probability": s.probability,
+        "confidence": round(s.confidence, 6),
+        "signal": s.signal,
+        "modelType": model_type,
+        "modelVersion": version,
+        "horizon": horizon,
+        "asOf": as_of,
+        "targetTime": as_of + horizon * timeframe_ms,
+        "stale": stale,
+        "fallback": False,
+        "features": feature_sample(last),
+    }
+
+
+def fallback_prediction(*, model_type: str, version: str | None, horizon: int, reason: str,
+                        as_of: int | None = None, timeframe_ms: int | None = None) -> dict[str, Any]:
+    """The neutral HOLD answered when there is no model, no data or an error (never scored live)."""
+    s = neutral()
+    target = as_of + horizon * timeframe_ms if as_of is not None and timeframe_ms else None
+    return {
+        "direction": s.direction, "probability": s.probability, "confidence": s.confidence,
+        "signal": s.signal, "modelType": model_type, "modelVersion": version, "horizon": int(horizon),
+        "asOf": as_of, "targetTime": target, "stale": False, "fallback": True, "reason": reason,
+        "features": {"count": 0, "sample": {}},
+    }
+
+
+def failure_cause(exc: BaseException) -> str:
+    """`Type: last line` of an exception (a Ray error's cause, not its traceback), for a reason field."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def round_ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def prediction_body(pair: str, pred: dict[str, Any], hit: Any, elapsed_s: float, ts: int) -> dict[str, Any]:
+    """The body of `GET /api/predictions/{pair}`: `hit` is the cache hit (None: computed now)."""
+    body: dict[str, Any] = {"pair": pair, "prediction": pred, "timestamp": ts, "cached": hit is not None}
+    if hit is not None:
+        body["cacheAge"] = int(hit.age_s * 1000)
+    body["responseTime"] = round_ms(elapsed_s)
+    return body
+
+
+__all__ = ["SAMPLE_FEATURES", "failure_cause", "fallback_prediction", "feature_sample", "finite_or_none",
+           "model_prediction", "prediction_body", "round_ms"]

@@ -1,0 +1,112 @@
+"""What the request path knows about a pair, re-read at most every `interval_s` per replica: the open
+time of the last closed candle (candle store coverage; the clock with a live source) and the
+production version of every model type (pointer + metadata on the shared volume, through
+`ml.registry.production`). No actor call, no Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ml.clock import last_closed_bar_ts
+from ml.registry.production import Production, production_from
+
+log = logging.getLogger(__name__)
+
+META_CACHE_ITEMS = 256  # version metadata never changes once written: kept per replica
+
+
+@dataclass
+class PairSnapshot:
+    at: float                          # time.monotonic() of the read
+    candle_ts: int | None              # open time of the last closed candle (None: no data)
+    coverage: dict[str, Any] | None
+    production: dict[str, Production | None] = field(default_factory=dict)
+
+
+class Snapshots:
+    """Per-pair snapshots, one read in flight per pair (worker thread), shared by concurrent requests.
+
+    `store` is an `ml.data.store.CandleStore`, `reader` a read-only `ml.storage.store.Storage`.
+    """
+
+    def __init__(self, store: Any, reader: Any, model_types: list[str], timeframe_ms: int, *,
+                 live_source: bool, interval_s: float, default_horizons: list[int]) -> None:
+        self.store = store
+        self.reader = reader
+        self.model_types = list(model_types)
+        self.tf = int(timeframe_ms)
+        self.live_source = live_source
+        self.interval_s = float(interval_s)
+        self.default_horizons = [int(h) for h in default_horizons]
+        self._snaps: dict[str, PairSnapshot] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._meta: OrderedDict[tuple[str, str, str], dict] = OrderedDict()
+
+    async def get(self, pair: str, *, force: bool = False) -> PairSnapshot:
+        snap = self._snaps.get(pair)
+        if snap is not None and not force and time.monotonic() - snap.at < self.interval_s:
+            return snap
+        task = self._tasks.get(pair)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.read, pair))
+            self._tasks[pair] = task
+        snap = await asyncio.shield(task)
+        self._snaps[pair] = snap
+        return snap
+
+    def invalidate(self, pair: str) -> None:
+        self._snaps.pop(pair, None)
+
+    def horizons(self, prod: Production | None) -> list[int]:
+        """The horizons a production version predicts (the configured ones without a model)."""
+        return (prod.horizons if prod else []) or list(self.default_horizons)
+
+    def read(self, pair: str) -> PairSnapshot:
+        """Candle coverage and production versions of one pair (blocking: run in a worker thread)."""
+        coverage = None
+        candle_ts = None
+        if self.live_source:
+            candle_ts = last_closed_bar_ts(self.tf)
+            coverage = {"bars": None, "start": None, "end": candle_ts, "live": True}
+        else:
+            try:
+                coverage = self.store.coverage(pair)
+            except Exception as exc:  # noqa: BLE001 - unreadable file: treated as no data
+                log.warning("coverage of %s failed: %s", pair, exc)
+            if coverage and coverage.get("bars"):
+                candle_ts = int(coverage["end"])
+        production = {mt: self.production(pair, mt) for mt in self.model_types}
+        return PairSnapshot(at=time.monotonic(), candle_ts=candle_ts, coverage=coverage, production=production)
+
+    def production(self, pair: str, mt: str) -> Production | None:
+        """`ml.registry.production.read_production`, with the version metadata cached."""
+        try:
+            pointer = self.reader.get_production(pair, mt)
+        except Exception as exc:  # noqa: BLE001 - damaged pointer: no model (the doctor repairs it)
+            log.warning("production pointer of %s/%s unreadable: %s", pair, mt, exc)
+            return None
+        if not pointer or not pointer.get("version"):
+            return None
+        return production_from(pointer, self.meta(pair, mt, pointer["version"]))
+
+    def meta(self, pair: str, mt: str, version: str) -> dict | None:
+        key = (pair, mt, version)
+        meta = self._meta.get(key)
+        if meta is None:
+            try:
+                meta = self.reader.get_version_meta(pair, mt, version)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("meta of %s/%s/%s unreadable: %s", pair, mt, version, exc)
+                return None
+            if meta is None:
+                return None
+            self._meta[key] = meta
+            while len(self._meta) > META_CACHE_ITEMS:
+                self._meta.popitem(last=False)
+        return meta
