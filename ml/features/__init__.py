@@ -1,5 +1,5 @@
 """Features: the causal per-timestep feature matrix, its fast serving window (and its JSON codec), and
-the look-ahead check that any feature function can be run through. Imports ml only (no Ray)."""
+the look-ahead check that any feature function can be run through. Imports ml.config and ml.clock only."""
 
 from ml.features.catalog import CATALOG, FeatureSpec
 from ml.features.causality import LeakReport, LookAheadError, assert_causal, find_lookahead

@@ -1,4 +1,4 @@
-"""The causal per-timestep feature matrix (SPEC §4) and its fast serving window.
+"""The causal per-timestep feature matrix (the serving window of its newest rows is in window.py).
 
 Row t of the matrix uses candles[<= t] only: every indicator is a trailing window or a forward
 recursion (EMA, Wilder smoothing, SAR), shifts only look back, and nothing is centred, backfilled
