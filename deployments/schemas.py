@@ -1,4 +1,4 @@
-"""Pydantic request and response models of the HTTP API (SPEC §8): camelCase, times in epoch ms.
+"""Pydantic request and response models of the HTTP API (docs/api.md): camelCase, times in epoch ms.
 
 Request bodies are strict (`extra="forbid"`, ranges checked): a bad body is a 4xx with a message,
 never a 500. Response models document the shapes in OpenAPI (`/docs`) and are what the tests

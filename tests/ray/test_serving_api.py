@@ -1,5 +1,5 @@
-"""The Serve application over its real HTTP proxy (SPEC §8): shapes, caching, fallbacks, training,
-bad input, autoscaling, shared cache, Redis outage.
+"""The Serve application over its real HTTP proxy (the contract of docs/api.md): shapes, caching,
+fallbacks, training, bad input, autoscaling, shared cache, Redis outage.
 
 One application (`deployments.app:build_app`, the options of serve_config.yaml with fast test
 autoscaling and tiny CPU reservations) is deployed once for the module on the session's Ray
