@@ -58,7 +58,8 @@ CANCEL_GRACE_S = 15.0  # graceful abort first (Ray Train releases its workers an
 PG_RELEASE_WAIT_S = 5.0  # after a stopped run's task ended: time Ray Train gets to free its placement group
 RUN_SEP = "#"  # progress reports name "{job_id}#{run_id}", so a stale run's reports are recognised
 QUEUE_KEYS = frozenset(QueueConfig.model_fields)  # the `queue` settings section's keys
-ACTOR_KEYS = {"tick_s", "train_overrides", "num_workers", "cpus_per_worker", "task_num_cpus", "cancel_grace_s"}
+ACTOR_KEYS = {"tick_s", "train_overrides", "num_workers", "cpus_per_worker", "task_num_cpus", "cancel_grace_s",
+              "pairs"}
 
 
 def _settings():
@@ -142,7 +143,7 @@ class TrainingQueueActor:
         self._cpus_per_worker = overrides.get("cpus_per_worker")
         self._task_num_cpus = float(overrides.get("task_num_cpus", 0))
         self._cancel_grace_s = float(overrides.get("cancel_grace_s", CANCEL_GRACE_S))
-        self._pairs = list(settings.pairs)
+        self._pairs = [str(p) for p in overrides.get("pairs") or settings.pairs]  # periodic retraining's
         self._model_types = list(settings.model.enabled_types)
         self._state = QueueState(self._config)
         self._storage = None
@@ -505,8 +506,8 @@ def get_or_create_queue_actor(namespace: str | None = None, data_dir: str | None
                               name: str = QUEUE_ACTOR_NAME):
     """The detached singleton of `namespace` (default: settings.namespace); created when missing.
 
-    Overrides (queue settings, retrain_interval_minutes, tick_s, train_overrides, num_workers,
-    cpus_per_worker, task_num_cpus) apply only when this call creates the actor.
+    Overrides (queue settings, tick_s, train_overrides, num_workers, cpus_per_worker, task_num_cpus,
+    cancel_grace_s, pairs: what periodic retraining considers) apply only when this call creates the actor.
     """
     settings = _settings()
     ns = namespace or settings.namespace

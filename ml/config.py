@@ -106,6 +106,9 @@ class SignalSettings(_Section):
 
 
 class QueueSettings(_Section):
+    """The training queue's numbers, defined once: ml.queue.state.QueueConfig is this section, checked
+    for the state machine, and the queue actor's overrides take these keys."""
+
     max_concurrent: int = 1
     cooldown_minutes: float = 30
     max_attempts: int = 2

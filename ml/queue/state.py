@@ -32,7 +32,6 @@ Rules
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,7 +39,7 @@ from pydantic import ConfigDict, model_validator
 
 from ml.config import QueueSettings
 from ml.queue import views
-from ml.queue.jobs import ACTIVE, CANCELLED, COMPLETED, FAILED, QUEUED, Job, cooldown_key
+from ml.queue.jobs import ACTIVE, CANCELLED, COMPLETED, FAILED, QUEUED, Job, cooldown_key, progress_record
 from ml.queue.requests import PRIORITY_MAX, QueueError, TrainRequest
 from ml.queue.retrain import oldest
 from ml.queue.views import ACCEPTED, COOLDOWN, DUPLICATE, PAUSED, RECENT_HISTORY, SubmitOutcome, minutes_left
@@ -301,36 +300,12 @@ class QueueState:
         """Record a progress report {epoch, total, loss, val_loss, eta_s}; ignored unless active
         (and, with `run_id`, unless it comes from the job's current run).
 
-        The ETA comes from the epoch rate measured since the first report (which excludes the
-        cluster's start-up time); before two reports it falls back to the reporter's own estimate.
-        Progress does not move `revision` (it is not worth a write; snapshots still carry it).
+        The record (with its ETA) is ml.queue.jobs.progress_record.
         """
         job = self.active_run(job_id, run_id)
         if job is None:
             return None
-        epoch = _num(data.get("epoch"))
-        total = _num(data.get("total", data.get("total_epochs", data.get("totalEpochs"))))
-        prev = job.progress or {}
-        first_at = prev.get("firstReportAt", now)
-        first_epoch = prev.get("firstEpoch", epoch)
-        eta = _num(data.get("eta_s", data.get("etaSeconds")))
-        if epoch is not None and total is not None:
-            done_since = epoch - (first_epoch or 0)
-            if done_since > 0 and now > first_at:
-                eta = (now - first_at) / 1000 / done_since * max(0, total - epoch)
-            elif epoch >= total:
-                eta = 0.0
-        job.progress = {
-            "epoch": int(epoch) if epoch is not None else None,
-            "totalEpochs": int(total) if total is not None else None,
-            "loss": _num(data.get("loss")),
-            "valLoss": _num(data.get("val_loss", data.get("valLoss"))),
-            "etaSeconds": round(eta, 1) if eta is not None else None,
-            "percent": round(100 * epoch / total, 1) if epoch is not None and total else None,
-            "updatedAt": int(now),
-            "firstReportAt": first_at,
-            "firstEpoch": first_epoch,
-        }
+        job.progress = progress_record(job.progress, data, now)
         # Not a persisted change: progress is transient (a restored job starts over without it),
         # and writing the snapshot every epoch would be wasted I/O.
         return job
@@ -545,13 +520,3 @@ class QueueState:
         state.last_retrain_at = data.get("lastRetrainAt")
         state.revision = int(data.get("revision", 0))
         return state
-
-
-def _num(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None

@@ -108,9 +108,9 @@ def ray_head(tmp_path):
             except subprocess.TimeoutExpired:
                 head.kill()
                 head.wait(timeout=10)
-        from cluster.up import head_processes, terminate  # anything left of *this* head (by temp dir)
+        from cluster.ops.processes import head_processes, terminate
 
-        left = head_processes(temp_dir)
+        left = head_processes(temp_dir)  # anything left of *this* head (by temp dir)
         if left:
             terminate(left, 5.0)
         log.close()

@@ -31,6 +31,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
         time.sleep(interval)
 
 
+def holds_for(predicate, seconds: float, interval: float = 0.2, what: str = "condition") -> None:
+    """Poll until the deadline: `predicate` must stay true the whole time."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), f"{what} stopped holding"
+        time.sleep(interval)
+
+
 def req(pair: str, *, epochs: int = 1, priority: int = 5, **extra) -> dict:
     return {"pair": pair, "model_type": "lstm", "epochs": epochs, "priority": priority, **extra}
 
@@ -160,7 +168,7 @@ def test_cancel_active_job_stops_its_ray_work_and_registers_nothing(make_queue, 
     assert live_placement_groups() - pgs_before == set()
     wait_for(lambda: cpus_free() >= free_before - 1e-6, 30, what="the trainer's CPU to be released")
     epoch = job(q, job_id)["progress"]["epoch"]
-    time.sleep(3)
+    holds_for(lambda: job(q, job_id)["progress"]["epoch"] == epoch, 3, what="no progress after the cancel")
     after = job(q, job_id)
     assert after["status"] == "cancelled" and after["progress"]["epoch"] == epoch
     assert after["cancelReason"] == "user request"
@@ -263,13 +271,44 @@ def test_failing_job_retries_with_backoff_then_fails(make_queue):
     assert view["history"]["recent"][0]["jobId"] == job_id and view["active"]["count"] == 0
 
 
+DAY_MS = 24 * 3_600_000
+
+
+def register_productions(ray_cluster, trained_days_ago: dict[str, float]) -> None:
+    """A real (tiny) run registered through ml.registry for every pair, trained `days` ago, then made
+    production in the given order, so the last one is promoted most recently (its meta has the
+    registry's own `trainedAt`)."""
+    import dataclasses
+
+    from actors.storage import get_or_create_storage_actor
+    from actors.storage_client import RemoteStorage
+    from ml.clock import now_ms
+    from ml.registry.versions import Registry
+    from ml.training.config import TrainConfig
+    from ml.training.local import train_local
+
+    cfg = TrainConfig(pair="RTA", epochs=1, threads=1, **{k: v for k, v in TINY.items() if k != "patience"})
+    result = train_local(cfg)
+    storage = get_or_create_storage_actor(data_dir=str(ray_cluster["data_dir"]), namespace=ray_cluster["namespace"])
+    registry = Registry(RemoteStorage(storage))
+    now = now_ms()
+    for pair, days in trained_days_ago.items():
+        trained = dataclasses.replace(result, pair=pair, trained_at=int(now - days * DAY_MS))
+        meta = registry.register(pair, trained, job_id=f"{pair}-test")
+        registry.promote(pair, "lstm", meta["version"], "test: an operator's promotion, long after training")
+
+
 def test_periodic_retraining_queues_the_oldest_production_model(make_queue, ray_cluster):
     import ray
 
-    from ml.config import get_settings
+    from ml.registry.production import read_production
     from ml.storage.store import Storage
 
-    q = make_queue(max_concurrent=1, retrain_interval_minutes=0.05)  # every 3 s, first one 3 s after start
+    # RTC's model is the oldest by training time but the newest by promotion time
+    pairs = ["RTA", "RTB", "RTC", "RTD"]
+    register_productions(ray_cluster, {"RTA": 1, "RTB": 2, "RTD": 3, "RTC": 30})
+    q = make_queue(max_concurrent=1, retrain_interval_minutes=0.05,  # every 3 s, first one 3 s after start
+                   pairs=pairs)
     hold = submit(q, "RTHOLD", epochs=LONG)["jobId"]  # keeps the only slot busy: retrain jobs stay queued
     wait_training(q, hold)
 
@@ -282,13 +321,13 @@ def test_periodic_retraining_queues_the_oldest_production_model(make_queue, ray_
     reader = Storage.reader(ray_cluster["data_dir"])
 
     def age(pair: str) -> int:
-        prod = reader.get_production(pair, "lstm")
+        prod = read_production(reader, pair, "lstm")
         if not prod:
             return -1
-        return int((reader.get_version_meta(pair, "lstm", prod["version"]) or {}).get("trained_at") or 0)
+        return int(prod.trained_at or 0)
 
-    pairs = get_settings().pairs
     assert first["pair"] == min(pairs, key=lambda p: (age(p), pairs.index(p)))
+    assert first["pair"] == "RTC"  # aged by its training time, not by its (recent) promotion
     # later intervals skip what is already queued: never a second job for one PAIR+model
     wait_for(lambda: len(retrain_jobs()) >= 2, 30, what="a second periodic retraining job")
     keys = [(j["pair"], j["modelType"]) for j in ray.get(q.view.remote())["queued"]["jobs"]]

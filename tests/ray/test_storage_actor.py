@@ -103,7 +103,10 @@ def test_state_survives_a_restart_and_age_flush_runs_in_the_background(storage_a
     assert ray.get(storage_actor.stats.remote())["bufferedPredictions"] >= 7
     from ml.config import get_settings
 
-    time.sleep(get_settings().storage.prediction_flush_seconds + 1.5)
+    deadline = time.monotonic() + get_settings().storage.prediction_flush_seconds + 30
+    while ray.get(storage_actor.stats.remote())["bufferedPredictions"] != 0:
+        assert time.monotonic() < deadline, "buffered predictions were not flushed by age"
+        time.sleep(0.2)
     assert ray.get(storage_actor.stats.remote())["bufferedPredictions"] == 0
 
     def pid() -> int:
