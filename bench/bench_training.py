@@ -5,7 +5,7 @@ overhead of running the same training as a Ray Train TorchTrainer job.
   on the synthetic BTC history with one torch thread (the default), plus the full profile with two
   threads. Anchor: the quick profile's epoch time.
 * Ray Train vs plain loop: wall time of `actors.trainer.run_torch_trainer` (1 worker, 1 CPU) against
-  `ml.training.train.train_local` for the same config and epochs (data preparation, the loop,
+  `ml.training.local.train_local` for the same config and epochs (data preparation, the loop,
   calibration and evaluation in both). The difference is Ray Train's fixed overhead: starting the
   controller and worker actors, the process group, shipping the dataset, per-epoch checkpoints on
   the storage volume. Target: <= 15 s.
