@@ -18,6 +18,7 @@ from ml.training.result import TrainResult, build_result
 
 
 def train_on_dataset(cfg: TrainConfig, dataset: Dataset, *, on_epoch=None, should_stop=None) -> TrainResult:
+    """New model, fit, calibrate + evaluate: a prepared Dataset -> TrainResult (TrainingCancelled on a stop)."""
     t0 = time.perf_counter()
     with deterministic(cfg.seed, cfg.torch_threads()):
         model = new_model(cfg, len(dataset.feature_names))
