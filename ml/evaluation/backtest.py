@@ -1,4 +1,4 @@
-"""Walk-forward backtest of a direction model against baselines (issue 6, SPEC §9 `tbml backtest`).
+"""Walk-forward backtest of a direction model against baselines (`tbml backtest`; docs/evaluation.md).
 
 The series is cut into K consecutive test blocks at its end. Fold k trains on the rows before its
 test block (all of them, or the newest `train_bars`), leaving `purge` rows out in between, so no

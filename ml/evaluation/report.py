@@ -1,4 +1,4 @@
-"""The human-readable side of a walk-forward backtest (issue 6, SPEC §9 `tbml backtest --report DIR`).
+"""The human-readable side of a walk-forward backtest (`tbml backtest --report DIR`).
 
 `write_report(result, out_dir)` writes `report.md` plus three PNGs next to it:
 
