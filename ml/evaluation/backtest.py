@@ -44,7 +44,7 @@ from ml.evaluation.baselines import (
     fit_majority,
     fit_persistence,
 )
-from ml.evaluation.metrics import balanced_accuracy, brier, ece, log_loss, mcc, wilson_interval
+from ml.metrics import balanced_accuracy, brier, ece, log_loss, mcc, wilson_interval
 from ml.training.dataset import StandardScaler, make_labels, windows_at
 from ml.training.nets import MODEL_TYPES
 
@@ -128,7 +128,7 @@ class BacktestConfig(BaseModel):
             from ml.config import get_settings
 
             settings = get_settings()
-        from ml.training.train import model_profile
+        from ml.training.config import model_profile
 
         overrides = {k: v for k, v in overrides.items() if v is not None}
         b = settings.backtest
@@ -295,8 +295,10 @@ def _train_network(cfg: BacktestConfig, Xs: np.ndarray, y: np.ndarray, plan: Fol
     Returns (P(up) on the test rows, calibrator, fingerprint, fit info).
     """
     from ml.training.calibration import fit_calibrator
+    from ml.training.config import TrainConfig
     from ml.training.dataset import Dataset, SplitIndices
-    from ml.training.train import TrainConfig, deterministic, fit, new_model, predict_logits, state_to_bytes
+    from ml.training.loop import fit, new_model
+    from ml.training.nets import deterministic, predict_logits, state_to_bytes
 
     # the fields both configs have mean the same, except the split's purge and validation share
     shared = (set(TrainConfig.model_fields) & set(BacktestConfig.model_fields)) - {"purge", "val_fraction"}

@@ -351,7 +351,7 @@ def render_markdown(result: BacktestResult, *, title: str | None = None,
 def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS) -> dict[str, np.ndarray]:
     """Per equal-width bin of P(up): count, mean prediction, observed up-rate (NaN where empty).
 
-    Same binning as ml.evaluation.metrics.ece (left-closed, p = 1 in the last bin), so the plot shows what ECE sums.
+    Same binning as ml.metrics.ece (left-closed, p = 1 in the last bin), so the plot shows what ECE sums.
     """
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
