@@ -6,7 +6,7 @@
         Exit 0 queued/completed, 1 failed/cancelled, 2 refused (duplicate, cooldown, paused) or no
         running queue.
     tbml train --local --pair P [--model lstm] [--epochs N] [--bars B] [--data-dir D]
-        Trains in this process without a cluster (ml.training.train.train_local), registers the version in
+        Trains in this process without a cluster (ml.training.local.train_local), registers the version in
         the local data directory and prints the metrics as JSON.
 
 Shares its request options and follow loop with cluster/submit_training.py.

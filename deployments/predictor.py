@@ -2,7 +2,7 @@
 
 * Models: Serve model multiplexing. A model id is `PAIR:model_type:version`; the ingress sends
   each request with `multiplexed_model_id` set, so Serve routes it to a replica that already holds
-  that model, and `get_model` loads a missing one from the registry (`ml.registry.versions.load_model` on
+  that model, and `get_model` loads a missing one from the registry (`ml.registry.loader.load_model` on
   the shared volume, read-only) and keeps at most MAX_MODELS_PER_REPLICA per replica (LRU).
   A newly promoted version is simply a new model id: the next request loads it, no restart; the
   old one ages out of the LRU.

@@ -1,2 +1,2 @@
 """Training, Ray-free: config, dataset, nets, the loop, calibration, evaluation, the run's result and
-`train_local`. May import ml.config, ml.clock, ml.features, ml.data and ml.evaluation.metrics; never Ray."""
+`train_local`. May import ml.config, ml.clock, ml.features, ml.data and ml.metrics; never Ray."""

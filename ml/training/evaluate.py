@@ -1,7 +1,7 @@
 """Calibration on the validation split and test metrics against the base-rate baseline.
 
 The calibrator is fitted on validation logits (ml.training.calibration); the baseline predicts the
-training up-rate on every test row (ml.evaluation.metrics).
+training up-rate on every test row (ml.metrics).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ml.evaluation.metrics import base_rate_report, classification_report
+from ml.metrics import base_rate_report, classification_report
 from ml.training.calibration import Calibrator, fit_calibrator
 from ml.training.config import TrainConfig
 from ml.training.dataset import Dataset

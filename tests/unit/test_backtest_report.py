@@ -18,7 +18,6 @@ import pytest
 
 from ml.data.synthetic import ORIGIN_TS, generate_candles
 from ml.evaluation.backtest import NAMES, BacktestConfig, BacktestResult, edge_summary, run_backtest
-from ml.evaluation.metrics import ece
 from ml.evaluation.report import (
     DASH,
     FILES,
@@ -34,6 +33,7 @@ from ml.evaluation.report import (
     verdict_sentence,
     write_report,
 )
+from ml.metrics import ece
 from ml.storage.atomic import is_temp_file
 
 TF = 300_000

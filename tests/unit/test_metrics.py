@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ml.evaluation.metrics import (
+from ml.metrics import (
     accuracy,
     balanced_accuracy,
     base_rate_report,
