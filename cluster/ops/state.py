@@ -61,23 +61,6 @@ def remove_state(data_dir: str | Path) -> None:
     Path(str(path) + BACKUP_SUFFIX).unlink(missing_ok=True)  # first: a backup alone would resurrect it
     path.unlink(missing_ok=True)
 
-
-def service_address(data_dir: str | Path | None = None) -> str | None:
-    """The GCS address (host:port) of the service `tbml up` started from `data_dir` (default: the
-    settings'), or None when none runs. For clients that would otherwise guess with address="auto"."""
-    if data_dir is None:
-        from ml.config import get_settings
-
-        data_dir = get_settings().data_dir
-    try:
-        state = read_state(data_dir)
-    except UpError:
-        return None
-    if not state or not is_running(state):
-        return None
-    return (state.get("ray") or {}).get("address")
-
-
 def state_processes(state: dict[str, Any]) -> dict[str, bool]:
     """Which recorded processes are still alive (by PID and start time)."""
     out = {}
