@@ -6,6 +6,10 @@
   callers are served concurrently; Storage's own locks serialise the writes (no lost updates).
 - Holds the data directory's writer lock (`.writer.lock`), so the CLI cannot write behind its back.
 - A background task flushes buffered predictions once they are `prediction_flush_seconds` old.
+- Another applies retention (`storage.retention_hours`, every `storage.retention_interval_s`): prediction
+  and training records past the cutoff go, nothing else (ml.storage.retention holds the rule). The last
+  run is kept on disk, so a restarted actor waits out the rest of the interval instead of running at once;
+  what the runs removed is in `stats()["retention"]`.
 - Graceful shutdown flushes: `stop_storage_actor(handle)` (shutdown() then Ray's graceful exit);
   `actor.__ray_terminate__.remote()` alone also flushes, through atexit. A hard `ray.kill` loses
   only what was still buffered (at most flush_count records or flush_seconds worth).
@@ -26,6 +30,7 @@ from typing import Any
 
 import ray
 
+from ml.clock import now_ms
 from ml.config import get_settings
 from ml.storage.store import Storage
 
@@ -42,6 +47,8 @@ class StorageActor:
         self._storage = self._open()
         self._storage.ensure_layout()
         self._flusher: asyncio.Task | None = None
+        self._retention: asyncio.Task | None = None
+        self._retention_if_due()  # before the first call is served: no race with the first appends
         self._closed = False
         atexit.register(self._close)  # runs on Ray's graceful exit (__ray_terminate__) and SIGTERM
 
@@ -60,9 +67,32 @@ class StorageActor:
         if self._closed:  # after shutdown(): take the directory back
             self._storage = await asyncio.to_thread(self._open)
             self._closed = False
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        self._start_background()
         return await asyncio.to_thread(getattr(self._storage, fn_name), *args, **kwargs)
+
+    def _start_background(self) -> None:
+        """(Re)start the background tasks; they need the running event loop, hence not in __init__."""
+        loop = asyncio.get_running_loop()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush_loop())
+        if self._storage.retention_hours > 0 and (self._retention is None or self._retention.done()):
+            self._retention = loop.create_task(self._retention_loop())
+
+    def _retention_if_due(self, now: int | None = None) -> int | None:
+        """Run retention when it is due at `now`; return when it is due next (None: retention is off)."""
+        storage = self._storage
+        now = now_ms() if now is None else now
+        due = storage.retention_next_run_at(now)
+        if due is None or due > now:
+            return due
+        try:
+            run = storage.run_retention(now)
+            if any((run.get("removed") or {}).values()):
+                log.info("retention removed %s (cutoff %s)", run["removed"], run["cutoff"])
+        except Exception as exc:  # noqa: BLE001 - reported in stats; tried again one interval later
+            log.error("retention run failed: %s", exc)
+            return now + int(storage.retention_interval_s * 1000)
+        return storage.retention_next_run_at(now)
 
     async def _flush_loop(self) -> None:
         interval = max(0.05, min(0.5, self._storage.predictions.flush_seconds / 4))
@@ -74,11 +104,24 @@ class StorageActor:
                 except Exception as exc:  # noqa: BLE001 - keep flushing later; records stay buffered
                     log.error("background flush failed: %s", exc)
 
+    async def _retention_loop(self) -> None:
+        storage = self._storage
+        while not self._closed and storage is self._storage:
+            now = now_ms()
+            due = await asyncio.to_thread(self._retention_if_due, now)
+            if due is None:
+                return  # retention_hours = 0: keep forever
+            await asyncio.sleep(min(max(0.0, (due - now) / 1000), storage.retention_interval_s))
+
     # ---- API (mirrors ml.storage.store.Storage) ---------------------------------------------
     async def ping(self) -> dict:
+        if not self._closed:
+            self._start_background()  # the schedules run from the start, not only after the first write
         return {"ok": True, "dataDir": str(self._storage.data_dir), "closed": self._closed}
 
     async def data_dir(self) -> str:
+        if not self._closed:
+            self._start_background()
         return str(self._storage.data_dir)
 
     async def put_document(self, category: str, name: str, data: Any, pair: str | None = None) -> str:
@@ -135,8 +178,8 @@ class StorageActor:
         out = log_.append(records, autoflush=False)
         if log_.flush_due():
             await self._run("flush_if_due")
-        elif self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        else:
+            self._start_background()
         return out
 
     async def flush(self) -> int:
@@ -163,15 +206,20 @@ class StorageActor:
     async def cleanup(self, max_age_hours: float) -> dict:
         return await self._run("cleanup", max_age_hours)
 
+    async def run_retention(self) -> dict:
+        """Apply retention now (the schedule does this on its own); returns what it removed."""
+        return await self._run("run_retention")
+
     async def doctor(self, repair: bool = False, temp_grace_seconds: float = 60.0) -> dict:
         return await self._run("doctor", repair, temp_grace_seconds=temp_grace_seconds)
 
     async def shutdown(self) -> dict:
         """Flush everything and release the writer lock (e.g. before `tbml storage doctor --repair`
         or a graceful stop). The actor stays; its next call takes the directory back."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            self._flusher = None
+        for task in (self._flusher, self._retention):
+            if task is not None:
+                task.cancel()
+        self._flusher = self._retention = None
         return await asyncio.to_thread(self._close)
 
 

@@ -1,15 +1,17 @@
-"""`tbml storage stats | doctor [--repair] | cleanup --max-age-hours H` — on the files directly.
+"""`tbml storage stats | doctor [--repair] | cleanup --max-age-hours H [--force]` — on the files directly.
 
 No cluster is needed. Reading (stats, doctor without --repair) is always safe; writing (repair,
 cleanup) takes the data directory's writer lock, so it refuses while the Storage actor runs (then
 use `POST /api/storage/cleanup`, or stop the cluster first).
+
+cleanup takes H by the rule of ml.storage.retention (the HTTP API's too): a number >= 1, or >= 0 with
+--force; anything else exits 2 before the directory is opened, so a bad value deletes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -56,6 +58,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.temp_grace_seconds < 0:
         raise UsageError("--temp-grace-seconds must be >= 0")
     data_dir = _data_dir(args)
+    if not data_dir.is_dir():
+        raise UsageError(f"no data directory at {data_dir} (set --data-dir or TBML_DATA_DIR)")
     if args.repair:
         storage = _open_writer(data_dir)
         if storage is None:
@@ -71,9 +75,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    hours = args.max_age_hours
-    if not math.isfinite(hours) or hours < 0:
-        raise UsageError(f"--max-age-hours must be a finite number >= 0, got {hours}")
+    from ml.storage.retention import MaxAgeError, check_max_age_hours
+
+    try:
+        hours = check_max_age_hours(args.max_age_hours, force=args.force, name="--max-age-hours",
+                                    force_name="--force")
+    except MaxAgeError as exc:
+        raise UsageError(str(exc)) from None
     data_dir = _data_dir(args)
     if not data_dir.is_dir():
         raise UsageError(f"no data directory at {data_dir} (set --data-dir or TBML_DATA_DIR)")
@@ -111,5 +119,7 @@ def register(subparsers) -> None:
     c = sub.add_parser("cleanup", help="remove records and model versions older than H hours "
                                        "(never the production version)")
     common(c)
-    c.add_argument("--max-age-hours", type=float, required=True, metavar="H")
+    c.add_argument("--max-age-hours", type=float, required=True, metavar="H",
+                   help="a number >= 1 (>= 0 with --force; 0 removes every record)")
+    c.add_argument("--force", action="store_true", help="allow H below 1 hour")
     c.set_defaults(handler=cmd_cleanup)

@@ -121,6 +121,11 @@ class StorageSettings(_Section):
     keep_versions: int = 10
     prediction_flush_count: int = 200
     prediction_flush_seconds: float = 2.0
+    retention_hours: float = Field(168, ge=0, allow_inf_nan=False,
+                                   description="prediction/training records older than this are removed on "
+                                   "a schedule (0 = keep forever; ml.storage.retention)")
+    retention_interval_s: float = Field(3600, gt=0, allow_inf_nan=False,
+                                        description="how often the Storage actor applies it")
 
 
 class BacktestSettings(_Section):

@@ -1,7 +1,9 @@
 """`tbml storage doctor [--repair]`: find (and fix) what is wrong under the data directory.
 
 Checks, in order:
-- missing category directories (repair: create them);
+- category directories: one that does not exist yet is healthy (Storage creates it on first write;
+  `tbml data synth` makes only candles/), listed under `absentCategories`; repair creates them and
+  lists each as a fixed `missing_dir` entry, which does not make the directory unhealthy;
 - orphan temp files/directories left by an interrupted write or delete, older than a grace period
   so a write in progress is not mistaken for one (repair: remove);
 - every checksummed JSON document (features, training, queue, model meta and production pointers,
@@ -63,6 +65,7 @@ class _Doctor:
         self.stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self.problems: list[dict[str, Any]] = []
         self.checked = {"documents": 0, "modelVersions": 0, "weightFiles": 0, "candleFiles": 0}
+        self.absent: list[str] = []
         self.in_flight = 0
         self.lost_versions: set[Path] = set()
         self.settled: dict[Path, bool] = {}
@@ -97,9 +100,15 @@ class _Doctor:
     def check_dirs(self) -> None:
         for cat in CATEGORIES:
             d = self.root / cat
-            if not d.is_dir():
-                self.problem("missing_dir", d, f"category directory {cat}/ is missing", fixable=True,
+            if d.is_dir():
+                continue
+            if d.exists() or d.is_symlink():  # a file (or dangling link) where a directory belongs
+                self.problem("not_a_directory", d, f"{cat} is not a directory (move it away)", fixable=False)
+            elif self.repair:
+                self.problem("missing_dir", d, f"category directory {cat}/ did not exist yet", fixable=True,
                              fix=lambda d=d: d.mkdir(parents=True, exist_ok=True), action="created")
+            else:
+                self.absent.append(cat)
 
     def walk(self) -> list[Path]:
         """Every regular file outside quarantine and temp items; temp items are handled here."""
@@ -282,13 +291,15 @@ class _Doctor:
         return {
             "dataDir": str(self.root),
             "repair": self.repair,
-            "healthy": not self.problems,
+            # A directory created by repair was never a problem (see check_dirs).
+            "healthy": all(p["kind"] == "missing_dir" and p["fixed"] for p in self.problems),
             "ok": remaining == 0,
             "problemCount": len(self.problems),
             "fixedCount": fixed,
             "remainingCount": remaining,
             "problems": self.problems,
             "checked": self.checked,
+            "absentCategories": self.absent,
             "inFlightTemp": self.in_flight,
             "durationMs": round((time.perf_counter() - t0) * 1000, 3),
             "timestamp": now_ms(),

@@ -44,6 +44,16 @@ from ml.storage.paths import (
     safe_path,
 )
 from ml.storage.predictions.log import PredictionLog
+from ml.storage.retention import (
+    RETENTION_DOCUMENT,
+    add_run,
+    check_max_age_hours,
+    cutoff_for_age,
+    empty_state,
+    next_run_at,
+    retention_cutoff,
+    split_expired,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +119,8 @@ class Storage:
     def __init__(self, data_dir: str | Path | None = None, *, read_only: bool = False,
                  writer_lock: bool = False, lock_timeout: float = 0.0,
                  flush_count: int | None = None, flush_seconds: float | None = None,
-                 keep_versions: int | None = None, history_limit: int | None = None) -> None:
+                 keep_versions: int | None = None, history_limit: int | None = None,
+                 retention_hours: float | None = None, retention_interval_s: float | None = None) -> None:
         from ml.config import get_settings
 
         settings = get_settings()
@@ -117,6 +128,15 @@ class Storage:
         self.read_only = read_only
         self.keep_versions = settings.storage.keep_versions if keep_versions is None else int(keep_versions)
         self.history_limit = settings.queue.history_limit if history_limit is None else int(history_limit)
+        self.retention_hours = float(settings.storage.retention_hours if retention_hours is None
+                                     else retention_hours)
+        self.retention_interval_s = float(settings.storage.retention_interval_s if retention_interval_s is None
+                                          else retention_interval_s)
+        if not (math.isfinite(self.retention_hours) and self.retention_hours >= 0):
+            raise ValueError(f"retention_hours must be a finite number >= 0, got {self.retention_hours!r}")
+        if not (math.isfinite(self.retention_interval_s) and self.retention_interval_s > 0):
+            raise ValueError(f"retention_interval_s must be a finite number > 0, got {self.retention_interval_s!r}")
+        self._retention_error: dict | None = None
         self._lock = threading.RLock()
         self._writer_lock = WriterLock(self.data_dir)
         if writer_lock and not read_only:
@@ -340,6 +360,7 @@ class Storage:
             "tempFiles": temp_files,
             "quarantine": quarantine,
             "bufferedPredictions": self.predictions.buffered,
+            "retention": self.retention_status(),
             "timestamp": now_ms(),
         }
 
@@ -347,23 +368,26 @@ class Storage:
         base = self.data_dir / check_category(category)
         return (p for p in base.rglob("*") if p.is_file()) if base.is_dir() else iter(())
 
-    def cleanup(self, max_age_hours: float) -> dict:
+    def _remove_records_before(self, cutoff: int) -> tuple[int, int]:
+        """Remove prediction and training records older than `cutoff` (epoch ms); return both counts.
+        The caller holds self._lock."""
+        removed_predictions = self.predictions.cleanup(cutoff)
+        history = list(self.get_document("training", TRAINING_HISTORY, default=[]))
+        keep, removed_training = split_expired(history, cutoff)
+        if removed_training:
+            self.put_document("training", TRAINING_HISTORY, keep)
+        return removed_predictions, removed_training
+
+    def cleanup(self, max_age_hours: float, *, now: int | None = None) -> dict:
         """Remove prediction and training records older than `max_age_hours`, and model versions
         beyond `keep_versions` (per pair and model type) that are also older — never a production
-        version."""
+        version. The edges (CLI, HTTP) ask for >= 1 hour unless forced (ml.storage.retention)."""
         self._require_writable()
-        if (isinstance(max_age_hours, bool) or not isinstance(max_age_hours, int | float)
-                or not math.isfinite(max_age_hours) or max_age_hours < 0):
-            raise ValueError(f"maxAgeHours must be a finite number >= 0, got {max_age_hours!r}")
+        max_age_hours = check_max_age_hours(max_age_hours, force=True)
         t0 = time.perf_counter()
-        cutoff = now_ms() - int(max_age_hours * 3_600_000)
+        cutoff = cutoff_for_age(now_ms() if now is None else now, max_age_hours)
         with self._lock:
-            removed_predictions = self.predictions.cleanup(cutoff)
-            history = list(self.get_document("training", TRAINING_HISTORY, default=[]))
-            keep = [r for r in history if _record_time(r) >= cutoff]
-            removed_training = len(history) - len(keep)
-            if removed_training:
-                self.put_document("training", TRAINING_HISTORY, keep)
+            removed_predictions, removed_training = self._remove_records_before(cutoff)
             removed_versions = []
             for pair, mt in self.model_keys():
                 prod = self.get_production(pair, mt)
@@ -378,12 +402,64 @@ class Storage:
         return {
             "cleanedCount": removed_predictions + removed_training + len(removed_versions),
             "maxAgeHours": max_age_hours,
+            "cutoff": cutoff,
             "predictions": removed_predictions,
             "trainingRecords": removed_training,
             "modelVersions": removed_versions,
             "durationMs": round((time.perf_counter() - t0) * 1000, 3),
             "timestamp": now_ms(),
         }
+
+    # ---- retention (the schedule itself is in actors/storage.py) ------------------------------
+    def _retention_state(self) -> dict:
+        try:
+            state = self.get_document("training", RETENTION_DOCUMENT, default=None)
+        except ChecksumError:
+            state = None
+        return state if isinstance(state, dict) else empty_state()
+
+    def retention_next_run_at(self, now: int) -> int | None:
+        """When the retention schedule is due next (epoch ms), or None when retention is off."""
+        if retention_cutoff(now, self.retention_hours) is None:
+            return None
+        last = (self._retention_state().get("lastRun") or {}).get("at")
+        return next_run_at(now, last if isinstance(last, int) else None, self.retention_interval_s)
+
+    def run_retention(self, now: int | None = None) -> dict:
+        """Remove the prediction and training records older than `retention_hours` before `now`
+        (nothing when retention is 0), and record what went in training/retention.json (stats shows it).
+        Never touches model versions."""
+        self._require_writable()
+        now = now_ms() if now is None else int(now)
+        cutoff = retention_cutoff(now, self.retention_hours)
+        if cutoff is None:
+            return {"enabled": False, "retentionHours": self.retention_hours}
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                predictions, training = self._remove_records_before(cutoff)
+                run = {"at": now, "cutoff": cutoff, "retentionHours": self.retention_hours,
+                       "removed": {"predictions": predictions, "trainingRecords": training},
+                       "durationMs": round((time.perf_counter() - t0) * 1000, 3)}
+                self.put_document("training", RETENTION_DOCUMENT, add_run(self._retention_state(), run))
+        except Exception as exc:
+            self._retention_error = {"at": now, "error": f"{type(exc).__name__}: {exc}"}
+            raise
+        self._retention_error = None
+        return {"enabled": True, **run}
+
+    def retention_status(self, now: int | None = None) -> dict:
+        """The retention settings of this instance and what the runs removed (for stats)."""
+        now = now_ms() if now is None else int(now)
+        try:
+            state = self._retention_state()
+        except OSError as exc:
+            state = {**empty_state(), "readError": f"{type(exc).__name__}: {exc}"}
+        enabled = self.retention_hours > 0
+        return {"enabled": enabled, "retentionHours": self.retention_hours,
+                "intervalS": self.retention_interval_s, **state,
+                "nextRunAt": self.retention_next_run_at(now) if enabled else None,
+                "lastError": self._retention_error}
 
     def doctor(self, repair: bool = False, *, temp_grace_seconds: float = 60.0) -> dict:
         """Check the data directory; with `repair`, fix what can be fixed. See ml.storage.doctor."""
@@ -399,14 +475,6 @@ class Storage:
     def _require_writable(self) -> None:
         if self.read_only:
             raise PermissionError("this Storage is read-only (only the Storage actor writes)")
-
-
-def _record_time(record: dict) -> int:
-    for key in ("recordedAt", "completedAt", "finishedAt", "timestamp", "createdAt"):
-        v = record.get(key)
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            return int(v)
-    return 0
 
 
 def _category_of(rel: Path) -> str | None:

@@ -196,5 +196,12 @@ def test_cli_stats_and_cleanup_validation(tmp_path: Path, capsys):
         assert err.startswith("tbml: error:") and err.count("\n") == 1
     assert cli(["storage", "cleanup", "--data-dir", str(data_dir)]) == 2
     assert cli(["storage", "stats", "--data-dir", str(tmp_path / "nope")]) == 2
-    assert cli(["storage", "cleanup", "--max-age-hours", "0", "--data-dir", str(data_dir)]) == 0
+    capsys.readouterr()
+    # Below one hour needs --force (ml.storage.retention); without it: exit 2, one line, nothing removed.
+    for small in ("0", "0.5"):
+        assert cli(["storage", "cleanup", "--max-age-hours", small, "--data-dir", str(data_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tbml: error:") and "--force" in err and err.count("\n") == 1
+    assert Storage.reader(data_dir).count_predictions("BTC") == 1
+    assert cli(["storage", "cleanup", "--max-age-hours", "0", "--force", "--data-dir", str(data_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["predictions"] == 1
