@@ -3,7 +3,8 @@
 * `ApiError` — raised by handlers for expected failures (unknown pair, duplicate job, ...).
 * `install(app)` registers the handlers: request validation (malformed JSON -> 400 `invalid_json`,
   other bad input -> 422 `validation_error` with the offending fields), Starlette HTTP errors
-  (unknown route -> 404 JSON, wrong method -> 405 JSON), and a last-resort handler that answers a
+  (unknown route -> 404 JSON, wrong method -> 405 JSON with `Allow` listing every method of the
+  path, `deployments.http`), and a last-resort handler that answers a
   real bug with a 500 JSON (logged with its traceback) instead of a stack trace.
 * `BodyLimitMiddleware` — a pure ASGI middleware: bodies over the limit are refused with 413 before
   any handler runs (declared Content-Length or counted while streaming). GET requests pass straight
@@ -27,8 +28,11 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from deployments.http import allowed_methods
+
 log = logging.getLogger(__name__)
 
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 for a body it cannot decode
 STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -134,6 +138,11 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSON:
         message = f"no route {request.method} {request.url.path}"
     elif status == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
+        methods = allowed_methods(request.app.router.routes, request.scope)
+        if methods:  # every route of the path, not only the first one Starlette matched
+            return error_response(status, code, message, headers={"Allow": ", ".join(methods)})
+    elif status == 400 and exc.detail == BODY_PARSE_ERROR:  # e.g. a body that is not UTF-8
+        return error_response(400, "invalid_json", "the request body is not valid JSON")
     else:
         message = str(exc.detail) if exc.detail else code
     return error_response(status, code, message, headers=getattr(exc, "headers", None))

@@ -12,7 +12,10 @@ creates in the background when it is missing) and resolved on the fly by the sam
 monitor has not reached yet.
 
 `GET /api/ping` answers `{"ok": true}` touching nothing: the anchor of every latency figure.
-Mutating routes need `Authorization: Bearer <TBML_API_TOKEN>` when a token is configured.
+Mutating routes need `Authorization: Bearer <TBML_API_TOKEN>` when a token is configured (the
+`bearerAuth` security scheme of the OpenAPI document). Bodies are JSON whatever their content type,
+OPTIONS lists a path's methods, CORS follows `api.cors_origins` (`deployments.http`); the OpenAPI
+document is built per replica from its settings (`deployments.openapi`).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, Header, Path, Query
+from fastapi import Body, Depends, FastAPI, Path, Query, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from starlette.responses import Response
 
-from deployments import errors
+from deployments import errors, http, openapi
 from deployments.args import AppArgs
 from deployments.clients import ActorClients
 from deployments.errors import JSON, ApiError
@@ -101,19 +105,31 @@ app = FastAPI(
     redirect_slashes=False,
 )
 errors.install(app)
+# innermost first: the body as JSON, its size limit, OPTIONS, then CORS around everything
+app.add_middleware(http.JsonBodyMiddleware)
 app.add_middleware(errors.BodyLimitMiddleware, limit=lambda: _settings().api.max_body_bytes)
+app.add_middleware(http.OptionsMiddleware, routes=lambda: app.routes)
+app.add_middleware(http.CorsMiddleware, origins=lambda: _settings().api.cors_origins)
+
+_BEARER = HTTPBearer(auto_error=False, scheme_name=openapi.SCHEME,
+                     description="TBML_API_TOKEN (api.token): needed by every mutating endpoint when set")
 
 
-async def require_token(authorization: str | None = Header(None, include_in_schema=False)) -> None:
-    errors.check_token(_settings().api.token, authorization)
+async def require_token(request: Request,
+                        _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None) -> None:
+    errors.check_token(_settings().api.token, request.headers.get("authorization"))
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
 
 
 AUTH = [Depends(require_token)]
-E404 = {404: {"model": ErrorResponse}}
-E422 = {422: {"model": ErrorResponse}}
-EAUTH = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}
-ETRAIN = {**E404, **E422, **EAUTH, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
-          503: {"model": ErrorResponse}}
+E404 = _errors(404)
+E422 = _errors(422)
+E503 = _errors(503)
+EAUTH = _errors(401, 413)
+ETRAIN = {**E404, **E422, **EAUTH, **_errors(409, 429, 503)}
 
 
 class IngressImpl:
@@ -152,6 +168,8 @@ class IngressImpl:
                                       max_batch=self.args.history_max_batch,
                                       max_buffer=self.args.history_max_buffer,
                                       after_flush=self.actors.ensure_monitor)  # history to resolve now
+        openapi.install(app, model_types=self.model_types, horizons=list(s.labels.horizons),
+                        pairs=list(s.pairs), token_required=bool(s.api.token))
         self.status = StatusReports(settings=s, cache=self.cache, reader=self.reader, actors=self.actors,
                                     snapshots=self.snapshots, predictions=self.predictions_, history=self.history_,
                                     model_types=self.model_types, tag=replica_tag(), namespace=self.namespace,
@@ -212,7 +230,8 @@ class IngressImpl:
         return JSON({"predictions": out, "count": len(out), "timestamp": ts, "cached": cached,
                      "responseTime": round_ms(time.perf_counter() - t0)})
 
-    @app.get("/api/predictions/{pair}/history", response_model=HistoryResponse, responses={**E404, **E422},
+    @app.get("/api/predictions/{pair}/history", response_model=HistoryResponse,
+             responses={**E404, **E422, **E503},
              tags=["predictions"], summary="Served predictions, newest first, with realized outcomes")
     async def history(self, pair: str, limit: int = Query(100, ge=1, le=10_000),
                       since: int | None = Query(None, ge=0, description="epoch ms")) -> JSON:
@@ -223,14 +242,15 @@ class IngressImpl:
         return JSON({"pair": p, "predictions": records, "count": len(records), "totalCount": total,
                      "timestamp": now_ms()})
 
-    @app.get("/api/predictions/{pair}/accuracy", response_model=AccuracyResponse, responses={**E404, **E422},
+    @app.get("/api/predictions/{pair}/accuracy", response_model=AccuracyResponse,
+             responses={**E404, **E422, **E503},
              tags=["predictions"], summary="Rolling live accuracy and Brier of resolved predictions vs the base rate")
     async def accuracy(self, pair: str,
                        window: int | None = Query(None, ge=1, le=10_000,
                                                   description="resolved predictions (default live.window)"),
                        model: str | None = Query(None, max_length=32)) -> JSON:
         p = self.params.pair(pair)
-        mt = self.params.model_query(model) if model else None
+        mt = self.params.model_query(model) if model is not None else None
         live = self.settings.live
         self.actors.ensure_monitor()
         await self._flush()
@@ -244,7 +264,8 @@ class IngressImpl:
                                    min_n=live.degraded_min_n, margin=live.degraded_margin)
         return JSON({"pair": p, **summary, "timestamp": now_ms()})
 
-    @app.get("/api/features/{pair}", response_model=FeaturesResponse, responses=E404, tags=["features"],
+    @app.get("/api/features/{pair}", response_model=FeaturesResponse, responses={**E404, **E503},
+             tags=["features"],
              summary="The latest feature row of a pair (cached per candle)")
     async def features_of(self, pair: str) -> JSON:
         p = self.params.pair(pair)
@@ -282,7 +303,7 @@ class IngressImpl:
              tags=["models"], summary="Every stored version per model type, newest first")
     async def model_versions(self, pair: str, model: str | None = Query(None, max_length=32)) -> JSON:
         p = self.params.pair(pair)
-        types = [self.params.model_query(model)] if model else self.model_types
+        types = [self.params.model_query(model)] if model is not None else self.model_types
 
         def read() -> dict:
             return {mt: views.versions_view(self.reader.list_versions(p, mt)) for mt in types}
@@ -300,7 +321,7 @@ class IngressImpl:
         return JSON(views.promotion_view(pair, mt, version, previous, pointer, reason, now_ms()))
 
     @app.post("/api/models/{pair}/{model}/promote", response_model=PromoteResponse, dependencies=AUTH,
-              responses={**E404, **E422, **EAUTH}, tags=["models"],
+              responses={**E404, **E422, **EAUTH, **E503}, tags=["models"],
               summary="Make a stored version production (the next prediction uses it)")
     async def promote(self, pair: str, model: str, body: PromoteBody) -> JSON:
         p = self.params.pair(pair)
@@ -310,7 +331,7 @@ class IngressImpl:
                                           prod.version if prod else None)
 
     @app.post("/api/models/{pair}/{model}/rollback", response_model=PromoteResponse, dependencies=AUTH,
-              responses={**E404, **E422, **EAUTH, 409: {"model": ErrorResponse}}, tags=["models"],
+              responses={**E404, **E422, **EAUTH, **E503, **_errors(409)}, tags=["models"],
               summary="Point production back to a version (default: the previous one)")
     async def rollback(self, pair: str, model: str, body: Annotated[RollbackBody | None, Body()] = None) -> JSON:
         p = self.params.pair(pair)
@@ -352,12 +373,13 @@ class IngressImpl:
         status, payload, headers = views.train_all_outcome(p, results)
         return JSON(payload, status_code=status, headers=headers)
 
-    @app.get("/api/training/queue", response_model=QueueResponse, tags=["training"],
+    @app.get("/api/training/queue", response_model=QueueResponse, responses={**E422, **E503}, tags=["training"],
              summary="Active, queued and recent jobs, cooldowns, pause flag")
     async def training_queue(self, recent: int = Query(20, ge=0, le=1000)) -> JSON:
         return JSON({"queue": await self.actors.queue_call("view", recent), "timestamp": now_ms()})
 
-    @app.get("/api/training/job/{job_id}", response_model=JobResponse, responses=E404, tags=["training"],
+    @app.get("/api/training/job/{job_id}", response_model=JobResponse, responses={**E404, **E503},
+             tags=["training"],
              summary="One job with its progress (epoch, loss, ETA)")
     async def training_job(self, job_id: str = Path(..., max_length=128)) -> JSON:
         job = await self.actors.queue_call("job", job_id)
@@ -366,7 +388,7 @@ class IngressImpl:
         return JSON({"job": job, "timestamp": now_ms()})
 
     @app.delete("/api/training/job/{job_id}", response_model=ActionResponse, dependencies=AUTH,
-                responses={**E404, **EAUTH, 409: {"model": ErrorResponse}}, tags=["training"],
+                responses={**E404, **EAUTH, **E503, **_errors(409)}, tags=["training"],
                 summary="Cancel a queued or running job (a running one is really stopped)")
     async def cancel_job(self, job_id: str = Path(..., max_length=128),
                          body: Annotated[CancelBody | None, Body()] = None) -> JSON:
@@ -381,7 +403,7 @@ class IngressImpl:
                      "timestamp": now_ms()})
 
     @app.post("/api/training/emergency-stop", response_model=ActionResponse, dependencies=AUTH,
-              responses=EAUTH, tags=["training"],
+              responses={**EAUTH, **E503}, tags=["training"],
               summary="Cancel everything queued, stop everything running, pause until resume")
     async def emergency_stop(self, body: Annotated[EmergencyStopBody | None, Body()] = None) -> JSON:
         reason = (body.reason if body else None) or "emergency stop (HTTP API)"
@@ -390,7 +412,8 @@ class IngressImpl:
                      "paused": True, "cancelledQueued": out.get("cancelledQueued"),
                      "stoppedActive": out.get("stoppedActive"), "timestamp": now_ms()})
 
-    @app.post("/api/training/resume", response_model=ActionResponse, dependencies=AUTH, responses=EAUTH,
+    @app.post("/api/training/resume", response_model=ActionResponse, dependencies=AUTH,
+              responses={**EAUTH, **E503},
               tags=["training"], summary="Unpause the queue after an emergency stop")
     async def resume(self) -> JSON:
         out = await self.actors.queue_call("resume")
@@ -398,12 +421,12 @@ class IngressImpl:
                      "wasPaused": out.get("wasPaused"), "timestamp": now_ms()})
 
     @app.post("/api/training/clear-cooldowns", response_model=ActionResponse, dependencies=AUTH,
-              responses={**E404, **EAUTH}, tags=["training"],
+              responses={**E404, **EAUTH, **E503}, tags=["training"],
               summary="Lift the cooldown of one PAIR+model, of a pair, or all")
     async def clear_cooldowns(self, body: Annotated[ClearCooldownsBody | None, Body()] = None) -> JSON:
         body = body or ClearCooldownsBody()
-        pair = self.params.pair(body.pair) if body.pair else None
-        mt = self.params.model_path(body.modelType) if body.modelType else None
+        pair = self.params.pair(body.pair) if body.pair is not None else None
+        mt = self.params.model_path(body.modelType) if body.modelType is not None else None
         out = await self.actors.queue_call("clear_cooldowns", pair, mt)
         what = f"{pair or 'all pairs'}/{mt or 'all models'}"
         return JSON({"success": True, "message": f"cleared {out.get('cleared', 0)} cooldown(s) of {what}",
@@ -411,7 +434,7 @@ class IngressImpl:
 
     # ================================================================================ storage
 
-    @app.get("/api/storage/stats", response_model=StorageStatsResponse, tags=["storage"],
+    @app.get("/api/storage/stats", response_model=StorageStatsResponse, responses={**E422, **E503}, tags=["storage"],
              summary="Count and size per category of the shared volume")
     async def storage_stats(self) -> JSON:
         st, counters = await asyncio.gather(self.actors.storage_call("stats"), self.cache.counters())
@@ -422,7 +445,8 @@ class IngressImpl:
         return JSON({"storage": views.storage_with_files(st), "performance": views.performance(counters),
                      "trainingQueue": queue, "timestamp": now_ms()})
 
-    @app.post("/api/storage/save", response_model=SaveResponse, dependencies=AUTH, responses=EAUTH,
+    @app.post("/api/storage/save", response_model=SaveResponse, dependencies=AUTH,
+              responses={**EAUTH, **E422, **E503},
               tags=["storage"], summary="Flush buffered prediction history to disk (atomic writes)")
     async def storage_save(self) -> JSON:
         t0 = time.perf_counter()
@@ -435,8 +459,9 @@ class IngressImpl:
                      "timestamp": now_ms()})
 
     @app.post("/api/storage/cleanup", response_model=CleanupResponse, dependencies=AUTH,
-              responses={**E422, **EAUTH}, tags=["storage"],
-              summary="Remove records older than maxAgeHours and surplus non-production versions")
+              responses={**E422, **EAUTH, **E503}, tags=["storage"],
+              summary="Remove records older than maxAgeHours (>= 1 unless force) and surplus "
+                      "non-production versions")
     async def storage_cleanup(self, body: Annotated[CleanupBody | None, Body()] = None) -> JSON:
         body = body or CleanupBody()
         out = await self.actors.storage_call("cleanup", float(body.maxAgeHours),

@@ -57,18 +57,19 @@ class Params:
         return pair
 
     def model_query(self, model: str | None) -> str:
-        """`?model=` (default: the default model type), 422 if not enabled."""
-        if model is None or model == "":
+        """`?model=` (default: the default model type), 422 unless exactly an enabled type (the enum
+        of the OpenAPI document: no case folding, no empty value)."""
+        if model is None:
             return self.default_model
-        mt = model.lower()
+        mt = model
         if mt not in self.model_types:
             raise ApiError(422, "invalid_model", f"model {short(model)!r} is not enabled",
                            availableModels=self.model_types)
         return mt
 
     def model_path(self, model: str) -> str:
-        """`{model}` of a path, 404 if not enabled."""
-        mt = model.lower()
+        """`{model}` of a path, 404 unless exactly an enabled type."""
+        mt = model
         if mt not in self.model_types:
             raise ApiError(404, "model_not_found", f"model type {short(model)!r} is not enabled",
                            availableModels=self.model_types)

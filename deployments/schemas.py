@@ -1,7 +1,8 @@
 """Pydantic request and response models of the HTTP API (docs/api.md): camelCase, times in epoch ms.
 
-Request bodies are strict (`extra="forbid"`, ranges checked): a bad body is a 4xx with a message,
-never a 500. Response models document the shapes in OpenAPI (`/docs`) and are what the tests
+Request bodies are strict (`extra="forbid"`, pydantic strict mode, ranges checked): no coercion, so
+`false`, `"0"` or `null` is never read as a number (a destructive request with such a value deletes
+nothing); a bad body is a 4xx with a message, never a 500. Response models document the shapes in OpenAPI (`/docs`) and are what the tests
 validate answers against; they allow extra fields, so adding a field never breaks a client.
 """
 
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ml.queue import requests as rq
+from ml.storage import retention as rt
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _Out(BaseModel):
@@ -71,7 +73,28 @@ class ClearCooldownsBody(_Body):
 
 
 class CleanupBody(_Body):
-    maxAgeHours: float = Field(168, ge=0, le=1_000_000)
+    """The POST /api/storage/cleanup body; its limits are the explicit cleanup's (ml.storage.retention).
+    Removing records younger than one hour (down to 0: every record) must be asked for explicitly with
+    `"force": true`."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"maxAgeHours": {"minimum": rt.MIN_MAX_AGE_HOURS}}},
+        {"properties": {"force": {"const": True}}, "required": ["force"]},
+    ]})
+
+    force: bool = Field(False, description=f"allow maxAgeHours below {rt.MIN_MAX_AGE_HOURS:g} "
+                                           "(0: remove every record)")
+    maxAgeHours: float = Field(168, ge=0, le=rt.MAX_MAX_AGE_HOURS,
+                               description=f"records older than this are removed; >= {rt.MIN_MAX_AGE_HOURS:g} "
+                                           "unless force is true")
+
+    @field_validator("maxAgeHours")
+    @classmethod
+    def _forced_below_minimum(cls, value: float, info: ValidationInfo) -> float:
+        if value < rt.MIN_MAX_AGE_HOURS and info.data.get("force") is not True:
+            raise ValueError(f"below {rt.MIN_MAX_AGE_HOURS:g} removes recent history; send \"force\": true "
+                             "to mean it")
+        return value
 
 
 # --------------------------------------------------------------------------------------- predictions

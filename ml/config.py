@@ -166,6 +166,8 @@ class RedisSettings(_Section):
 class ApiSettings(_Section):
     token: str | None = None
     max_body_bytes: int = 65536
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (\"*\": any); "
+                                                                     "empty: no CORS headers")
 
 
 class Settings(_Section):
