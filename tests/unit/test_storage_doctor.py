@@ -195,3 +195,42 @@ def test_cli_doctor_exit_codes(storage: Storage, capsys):
     assert cli(["storage", "doctor", "--data-dir", data]) == 0
     capsys.readouterr()
     assert cli(["storage", "doctor", "--data-dir", data, "--temp-grace-seconds", "-1"]) == 2
+
+
+def test_a_fresh_synth_directory_is_healthy(tmp_path: Path, capsys):
+    """`tbml data synth` makes candles/ only; the other category directories are created on first write,
+    so their absence is not a problem (doctor lists them, --repair creates them)."""
+    data = str(tmp_path / "data")
+    assert cli(["data", "synth", "--pairs", "BTC,ETH", "--bars", "300", "--seed", "3", "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert cli(["storage", "doctor", "--data-dir", data]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["healthy"] and report["ok"] and report["problems"] == [] and report["problemCount"] == 0
+    assert report["checked"]["candleFiles"] == 2
+    assert sorted(report["absentCategories"]) == ["features", "models", "predictions", "queue", "training"]
+    assert not (tmp_path / "data" / "models").exists()  # a check creates nothing
+    assert cli(["storage", "doctor", "--repair", "--data-dir", data]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert kinds(report) == ["missing_dir"] * 5 and report["healthy"] and report["fixedCount"] == 5
+    assert (tmp_path / "data" / "models").is_dir()
+    assert cli(["storage", "doctor", "--data-dir", data]) == 0
+    assert json.loads(capsys.readouterr().out)["absentCategories"] == []
+
+
+def test_real_problems_are_still_found_next_to_absent_directories(tmp_path: Path, capsys):
+    data_dir = tmp_path / "data"
+    assert cli(["data", "synth", "--pairs", "BTC", "--bars", "300", "--data-dir", str(data_dir)]) == 0
+    candles = next((data_dir / "candles").rglob("*.parquet"))
+    candles.write_bytes(candles.read_bytes()[:-12])
+    (data_dir / "queue").write_text("a file where the queue directory belongs")
+    capsys.readouterr()
+    assert cli(["storage", "doctor", "--data-dir", str(data_dir)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert kinds(report) == ["corrupt_candles", "not_a_directory"] and not report["healthy"]
+    assert "queue" not in report["absentCategories"]
+    # No data directory at all is bad input, not a healthy directory.
+    for extra in ([], ["--repair"]):
+        assert cli(["storage", "doctor", "--data-dir", str(tmp_path / "nope"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tbml: error: no data directory") and err.count("\n") == 1
+    assert not (tmp_path / "nope").exists()

@@ -414,7 +414,10 @@ class PredictionLog:
                     keep = [r for r in recs if r["timestamp"] >= cutoff_ms]
                     removed += len(recs) - len(keep)
                     self._buffered -= len(recs) - len(keep)
-                    self._buffer[pair] = keep
+                    if keep:
+                        self._buffer[pair] = keep
+                    else:  # no empty list left behind: flush would try to write an empty segment
+                        del self._buffer[pair]
                 if not self._buffered:
                     self._oldest = None
             for pair in self.pairs():
