@@ -50,3 +50,40 @@ def test_deployment_options_live_only_in_serve_config():
     assert override["Predictor"]["num_replicas"] == 2 and override["Predictor"]["autoscaling_config"] is None
     assert override["Predictor"]["max_ongoing_requests"] == yaml_opts["Predictor"]["max_ongoing_requests"]
     assert override["Features"] == yaml_opts["Features"]
+
+
+def test_the_openapi_document_is_built_from_the_settings():
+    """deployments.openapi on the ingress's own FastAPI app (no cluster): enums from the settings, an
+    error model for every error status, the bearer scheme on the mutating operations (optional when
+    no token is configured), 405/OPTIONS-relevant methods as declared."""
+    from deployments.ingress import app
+    from deployments.openapi import api_document
+
+    for token_required in (True, False):
+        doc = api_document(app, model_types=["lstm", "cnn"], horizons=[3, 5], pairs=["BTC"],
+                           token_required=token_required)
+        for path, ops in doc["paths"].items():
+            for method, op in ops.items():
+                codes = set(op["responses"])
+                assert "500" in codes, (method, path)
+                for p in op.get("parameters", []):
+                    if p["name"] == "model":
+                        assert p["schema"]["enum"] == ["lstm", "cnn"]
+                    if p["name"] == "horizon":
+                        assert p["schema"] == {"type": "integer", "enum": [3, 5], "title": "Horizon"}
+                if method == "get":
+                    assert "security" not in op and "401" not in codes, (method, path)
+                    continue
+                assert {"400", "413"} <= codes, (method, path)
+                assert op["security"] == ([{"bearerAuth": []}] if token_required else [{"bearerAuth": []}, {}])
+                assert ("401" in codes) is token_required
+                for code, resp in op["responses"].items():
+                    if int(code) >= 400:
+                        assert resp["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        body = doc["components"]["schemas"]["CleanupBody"]
+        assert body["additionalProperties"] is False and {"maxAgeHours", "force"} == set(body["properties"])
+        assert body["anyOf"][0] == {"properties": {"maxAgeHours": {"minimum": 1.0}}}
+        cooldowns = doc["components"]["schemas"]["ClearCooldownsBody"]["properties"]["modelType"]
+        assert cooldowns["anyOf"][0]["enum"] == ["lstm", "cnn"]
+        assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert set(doc["paths"]["/api/training/job/{job_id}"]) == {"get", "delete"}
