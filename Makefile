@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup test test-unit test-ray test-e2e bench run stop lint format clean
+.PHONY: setup test test-unit test-ray test-e2e bench chaos run stop lint format clean
 
 setup: $(VENV)/.installed redis-server
 
@@ -47,6 +47,9 @@ test-e2e:
 
 bench:
 	RAY_AUTH_MODE=disabled $(PY) -m bench.run $(BENCH_ARGS)
+
+chaos:
+	RAY_AUTH_MODE=disabled $(PY) -m bench.chaos $(CHAOS_ARGS)
 
 run:
 	$(VENV)/bin/tbml up
