@@ -68,7 +68,7 @@ class Budget:
     def of(cls, quick: bool) -> Budget:
         if quick:
             return cls(2, 3, 30, 15, 4, 150, 3, 2, 3000, 900)
-        return cls(3, 4, 45, 20, 4, 180, 6, 3, 6000, 660)
+        return cls(3, 4, 45, 20, 6, 150, 6, 3, 6000, 600)
 
 
 class Run:
@@ -228,11 +228,22 @@ class Run:
         self._actor_fault(res, "Ingress replica", class_contains=":Ingress")
 
     # ---- training faults ------------------------------------------------------------------------
-    def submit_training(self, pair: str) -> tuple[str | None, str]:
-        code, body = http_json(self.port, "POST", f"/api/train/{pair}/lstm",
-                               {"epochs": self.b.train_epochs, "priority": 1}, timeout=30)
-        if code == 202 and isinstance(body, dict):
-            return body.get("jobId"), ""
+    def submit_training(self, pair: str, res: FaultResult | None = None) -> tuple[str | None, str]:
+        """Queue a training; a duplicate left by an earlier fault (still queued or training) is
+        cancelled first (noted in `res`)."""
+        for _ in range(2):
+            code, body = http_json(self.port, "POST", f"/api/train/{pair}/lstm",
+                                   {"epochs": self.b.train_epochs, "priority": 1}, timeout=30)
+            if code == 202 and isinstance(body, dict):
+                return body.get("jobId"), ""
+            old = body.get("existingJobId") if code == 409 and isinstance(body, dict) else None
+            if not old:
+                break
+            c, _ = http_json(self.port, "DELETE", f"/api/training/job/{old}", {"reason": "chaos: next fault"},
+                             timeout=30)
+            if res is not None:
+                res.notes.append(f"{old} of an earlier fault was still pending: cancelled it (answer {c})")
+            time.sleep(2.0)
         return None, f"POST /api/train answered {code}: {str(body)[:200]}"
 
     def job(self, job_id: str) -> dict | None:
@@ -282,11 +293,12 @@ class Run:
                 status = j.get("status")
                 if status == "completed":
                     res.training_s = time.monotonic() - t_fault
-                    seen.append(f"{current}: completed after {j.get('attempts')} attempt(s)")
+                    restored = f", restored {j['restored']}x after a queue restart" if j.get("restored") else ""
+                    seen.append(f"{current}: completed after {j.get('attempts')} attempt(s){restored}")
                     break
                 if status in ("failed", "cancelled"):
                     seen.append(f"{current}: {status} ({str(j.get('error') or j.get('cancelReason') or '')[:120]})")
-                    new, err = self.submit_training(PAIRS[0])
+                    new, err = self.submit_training(PAIRS[0], res)
                     if new is None:
                         seen.append(f"a new training was refused: {err}")
                         break
@@ -300,10 +312,11 @@ class Run:
 
     def _training_fault(self, res: FaultResult, what: str, **match: str) -> None:
         http_json(self.port, "POST", "/api/training/clear-cooldowns", {"pair": PAIRS[0]}, timeout=10)
-        job_id, err = self.submit_training(PAIRS[0])
+        job_id, err = self.submit_training(PAIRS[0], res)
         if job_id is None:
             res.error = err
             return
+
         def inject(r: FaultResult) -> Callable[[], bool] | None:
             j = self.wait_mid_run(job_id, self.b.train_s * 0.6, r)
             if j is None:
@@ -321,7 +334,8 @@ class Run:
             if not sigkill(pid):
                 r.error = f"pid {pid} was gone before the kill"
                 return None
-            r.restarted_by = "Ray (actor restart)" if "name" in match else "the queue (retry of the job)"
+            if "name" in match:
+                r.restarted_by = "Ray (actor restart)"
 
             def back() -> bool:
                 if "name" in match:

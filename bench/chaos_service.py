@@ -194,7 +194,7 @@ class ChaosService:
             time.sleep(0.5)
         return None
 
-    def doctor(self, data_dir: Path | None = None, timeout_s: float = 180) -> dict | None:
+    def doctor(self, data_dir: Path | None = None, timeout_s: float = 90) -> dict | None:
         """`tbml storage doctor` (no repair; reading is safe while the Storage actor runs); every
         temp file counts (grace 0), the report separates leftovers from damage."""
         try:
