@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     foreground = supervised()
     results: list[FaultResult] = []
     rounds: list[WriteRound] = []
-    config = {"service": ("`tbml up --no-train` in the foreground (its supervisor, cluster.ops.supervisor, restarts "
-                          "Redis)" if foreground else "`tbml up --detach --no-train` (no supervisor in this checkout)")
+    config = {"service": ("`tbml up --no-train` in the foreground (where its supervisor, cluster.ops.supervisor, "
+                          "restarts what dies)" if foreground else "`tbml up --detach --no-train` (no supervisor in this checkout)")
                          + " on free loopback ports, serve_config.yaml as it is, a production lstm per pair "
                            "trained in-process before the start (2 epochs, 3,000 bars)",
               "settings": ", ".join(f"{k}={v}" for k, v in ENV.items()),
