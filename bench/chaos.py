@@ -451,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
                 res.error = f"not run: the run's {budget.total_s:.0f} s budget was used up"
                 results.append(res)
                 continue
+            if svc.foreground is not None and svc.foreground.poll() is not None:
+                tail = (svc.up_log.read_text()[-300:] if svc.up_log else "").replace("\n", " | ")
+                res.error = f"not run: `tbml up` had exited ({svc.foreground.returncode}): {tail}"
+                results.append(res)
+                continue
             _say(t0, res.name)
             try:
                 getattr(run, name.replace("-", "_"))(res)
