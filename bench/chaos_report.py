@@ -134,6 +134,10 @@ def _s(x: float | None, none: str = "–") -> str:
     return none if x is None else f"{x:.1f}"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _n(x: int | None) -> str:
     return "–" if x is None else f"{x:,}"
 
@@ -194,7 +198,7 @@ def render(results: list[FaultResult], rounds: list[WriteRound], *, quick: bool,
         else:
             health = _s(r.health_back_s, "**never**")
         lines.append(
-            f"| {r.name} | {r.target or '**not found**'} | {r.restarted_by or '–'} | "
+            f"| {r.name} | {_cell(r.target) or '**not found**'} | {_cell(r.restarted_by) or '–'} | "
             f"{_s(r.back_s, '**never**' if r.target and r.replaced else '–')} | "
             f"{_n(s.sent if s else None)} | {_n(s.failed if s else None)} | {_n(s.fallbacks if s else None)} | "
             f"{_n(r.lost)} | {_s(s.first_ok_s if s else None, '**never**' if s else '–')} | "
@@ -204,7 +208,7 @@ def render(results: list[FaultResult], rounds: list[WriteRound], *, quick: bool,
         lines += ["", "## Training under faults", "",
                   "| fault | training job | training again s |", "|---|---|---|"]
         for r in trained:
-            lines.append(f"| {r.name} | {r.training} | {_s(r.training_s, '**not within the deadline**')} |")
+            lines.append(f"| {r.name} | {_cell(r.training)} | {_s(r.training_s, '**not within the deadline**')} |")
     if rounds:
         writes = sorted(w.writes for w in rounds)
         lines += [
