@@ -74,13 +74,22 @@ class StatusReports:
             except Exception as exc:  # noqa: BLE001
                 return {"error": failure_cause(exc)}
 
-        redis_ok, storage, queue, stats, counters, snaps = await asyncio.gather(
+        async def supervisor() -> dict:
+            try:  # a small file read: what `tbml up` restarted (views.SUPERVISOR_DOCUMENT)
+                doc = await asyncio.to_thread(self.reader.get_document, *views.SUPERVISOR_DOCUMENT, None)
+            except Exception as exc:  # noqa: BLE001 - unreadable: reported, not fatal
+                return dict(views.supervisor_view(None), error=failure_cause(exc))
+            return views.supervisor_view(doc)
+
+        redis_ok, storage, queue, stats, counters, snaps, supervised = await asyncio.gather(
             self.cache.ping(), storage_state(), queue_state(), storage_stats(), self.cache.counters(),
-            asyncio.gather(*(self.snapshots.get(p) for p in pairs)))
+            asyncio.gather(*(self.snapshots.get(p) for p in pairs)), supervisor())
         redis = dict(self.cache.status(), status="healthy" if redis_ok else "degraded")
         data_source = views.data_source_view(pairs, snaps, source=s.data.source, timeframe=s.timeframe,
                                              timeframe_ms=s.timeframe_ms)
         status = views.health_status(storage, redis_ok, queue, data_source["pairsWithoutData"])
+        if status == "healthy" and supervised["gaveUp"]:
+            status = "degraded"  # a piece stays down: the supervisor stopped restarting it
         now = now_ms()
         served = self.predictions
         return views.health_body(
@@ -96,7 +105,7 @@ class StatusReports:
             training={"queue": queue, "maxConcurrent": s.queue.max_concurrent,
                       "cooldownMinutes": s.queue.cooldown_minutes},
             performance_={**views.performance(counters), "replicaLocalHits": dict(served.memo.hits)},
-            storage_stats=stats, elapsed_s=time.perf_counter() - t0)
+            storage_stats=stats, elapsed_s=time.perf_counter() - t0) | {"supervisor": supervised}
 
     async def model_status(self, pair: str) -> dict[str, Any]:
         """Per model type: what storage says (cached per production version), the training gate and

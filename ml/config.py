@@ -163,6 +163,18 @@ class RedisSettings(_Section):
     port: int = 6380
 
 
+class SupervisorSettings(_Section):
+    """How a foreground `tbml up` restarts what dies (docs/operations.md, Supervision)."""
+
+    check_interval_s: float = Field(1.0, gt=0, description="seconds between checks of the processes")
+    actor_check_interval_s: float = Field(5.0, gt=0, description="seconds between checks of the actors")
+    backoff_initial_s: float = Field(1.0, ge=0, description="delay before the first restart")
+    backoff_factor: float = Field(2.0, ge=1.0, description="delay growth per consecutive failure")
+    backoff_max_s: float = Field(30.0, ge=0, description="longest delay between restarts")
+    stable_s: float = Field(60.0, gt=0, description="up this long: the next failure starts the backoff anew")
+    max_restarts: int = Field(0, ge=0, description="restart attempts per piece and run; 0 = no limit")
+
+
 class ApiSettings(_Section):
     token: str | None = None
     max_body_bytes: int = 65536
@@ -188,6 +200,7 @@ class Settings(_Section):
     live: LiveSettings = LiveSettings()
     cache: CacheSettings = CacheSettings()
     redis: RedisSettings = RedisSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
     api: ApiSettings = ApiSettings()
 
     @field_validator("timeframe")

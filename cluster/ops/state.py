@@ -3,7 +3,8 @@
 It is the list `down` (and a start that fails half-way) stops, and nothing else: the PIDs with
 their start times of Redis and of the Ray head's core processes, the head's private temp dir, and
 whether Serve was deployed. Keys (version 1): version, startedAt, dataDir, namespace, mode, owner,
-auth, redis, ray, serve, feed, training.
+auth, redis, ray, serve, feed, training, supervisor (restarts per piece and the last failure, kept
+current by `cluster.ops.supervisor`; a restarted Redis replaces the `redis` entry).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def new_state(data_dir: Path, namespace: str, auth: dict[str, Any], *, detach: b
         "namespace": namespace, "mode": "detached" if detach else "foreground",
         "owner": None if detach else {"pid": os.getpid(), "start": proc_start_time(os.getpid())},
         "auth": auth, "redis": None, "ray": None, "serve": None, "feed": None, "training": [],
+        "supervisor": None,
     }
 
 

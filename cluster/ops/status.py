@@ -1,5 +1,6 @@
-"""`tbml status`: the run state, which of its processes live, and (live) what the feed, the queue,
-the accuracy monitor and Serve report through a short-lived driver."""
+"""`tbml status`: the run state, which of its processes live, what the supervisor restarted (restarts
+per piece, the last failure), and (live) what the feed, the queue, the accuracy monitor and Serve
+report through a short-lived driver."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def status(*, live: bool = True, timeout_s: float = 30.0) -> dict[str, Any]:
     if state is None:
         return {"running": False, "dataDir": str(data_dir)}
     procs = state_processes(state)
-    report: dict[str, Any] = {"running": any(procs.values()), "processes": procs, "state": state}
+    report: dict[str, Any] = {"running": any(procs.values()), "processes": procs, "state": state,
+                              "supervisor": state.get("supervisor")}
     if live and gcs_alive(state):
         report["live"] = _live_status(state, timeout_s)
     serve = state.get("serve") or {}
@@ -66,6 +68,19 @@ def format_status(report: dict[str, Any]) -> str:
     serve = state.get("serve") or {}
     if serve.get("deployed"):
         lines.append(f"  api: {serve['url']}  (ping {report.get('apiPing')})")
+    sup = report.get("supervisor") or {}
+    if sup.get("active"):
+        restarts = ", ".join(f"{k} {v}" for k, v in (sup.get("restarts") or {}).items()) or "none"
+        line = f"  supervisor: restarts {restarts}"
+        for key, label in (("down", "down now"), ("gaveUp", "gave up on")):
+            if sup.get(key):
+                line += f"; {label} {', '.join(sup[key])}"
+        failure = sup.get("lastFailure")
+        if failure:
+            line += f"; last failure {failure['piece']} at {failure['at']}: {failure['reason']}"
+        lines.append(line)
+    elif sup:
+        lines.append(f"  supervisor: none ({sup.get('mode')}: nothing restarts a piece that dies)")
     live = report.get("live") or {}
     if "error" in live:
         lines.append(f"  cluster: {live['error']}")

@@ -96,4 +96,20 @@ def training_step(launch: Launch) -> None:
     launch.record()
 
 
-STEPS: tuple[Step, ...] = (redis_step, ray_head_step, actors_step, feed_step, serve_step, training_step)
+def supervisor_step(launch: Launch) -> None:
+    """Publish the supervisor document for this run (health shows it; a previous run's is replaced):
+    active in the foreground, where `cluster.ops.supervisor` takes over once the start is done."""
+    import ray
+
+    from cluster.ops.supervisor import initial_document, publish_document
+
+    doc = initial_document(launch.opts.detach, managed_redis=launch.redis_proc is not None)
+    try:
+        publish_document(ray, launch.namespace, str(launch.data_dir), doc)
+    except Exception as exc:  # noqa: BLE001 - health then shows an older document; not worth failing the start
+        launch.out(f"warning: could not publish the supervisor document: {exc}")
+    launch.record("supervisor", doc)
+
+
+STEPS: tuple[Step, ...] = (redis_step, ray_head_step, actors_step, feed_step, serve_step, training_step,
+                           supervisor_step)

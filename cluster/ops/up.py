@@ -4,14 +4,14 @@ It checks that nothing runs from the same data dir and that the asked-for ports 
 runs the steps of `cluster.ops.steps` in order (Redis, Ray head, actors, market feed, Serve, first
 training), each recording what it started in `{data_dir}/run/state.json`. A failure or a signal
 part-way stops exactly what was recorded. Detached, it returns once everything runs; in the
-foreground it waits for Ctrl-C / SIGTERM (or a piece dying) and then stops everything.
+foreground it supervises (`cluster.ops.supervisor`: a dead Redis, market feed or accuracy monitor is
+started again) until Ctrl-C / SIGTERM or the loss of the Ray head, and then stops everything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import threading
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from cluster.ops.serve import ServePlan, plan_serve
 from cluster.ops.state import is_running, new_state, read_state, run_dir, state_path, state_processes
 from cluster.ops.steps import STEPS
 from cluster.ops.summary import print_summary
+from cluster.ops.supervisor import supervise
 
 PORT_FLAGS = {"ray (GCS)": "--ray-port", "dashboard": "--dashboard-port", "HTTP": "--http-port",
               "redis": "--redis-port"}
@@ -165,26 +166,18 @@ def up(opts: UpOptions, out: Printer = print) -> int:
         return 0
     try:
         print_summary(launch.state, out)
-        return _foreground(launch.state, launch.redis_proc, out, signals)
+        return _foreground(launch, out, signals)
     finally:
         signals.restore()
 
 
-def _foreground(state: dict, redis_proc: subprocess.Popen | None, out: Printer, signals: _Signals) -> int:
-    """Wait for a signal (or for a piece of the service to die), then stop everything."""
+def _foreground(launch: Launch, out: Printer, signals: _Signals) -> int:
+    """Supervise (restart what dies, `cluster.ops.supervisor`) until a signal or the loss of the Ray
+    head, then stop everything."""
     out("Press Ctrl-C to stop everything (or run `tbml down` in another shell).")
-    code = 0
-    while not signals.stop_event.wait(2.0):
-        alive = state_processes(state)
-        dead = [k for k, v in alive.items() if not v and k != "owner"]
-        if redis_proc is not None and redis_proc.poll() is not None:
-            dead.append("redis")
-        if dead:
-            out(f"error: {', '.join(sorted(set(dead)))} exited unexpectedly; stopping the rest")
-            code = 1
-            break
+    code = supervise(launch, signals.stop_event, out)
     signals.ignore()
     out(f"stopping ({signals.received[0] if signals.received else 'failure'}) ...")
-    stop(state, out=out)
+    stop(launch.state, out=out)
     out("stopped")
     return code

@@ -221,6 +221,21 @@ def models_loaded(pairs: Sequence[str], snaps: Sequence[Any], model_types: Seque
     return {"loaded": n_models, "pairs": loaded, "types": list(model_types)}
 
 
+# The document a foreground `tbml up` (cluster.ops.supervisor) writes through the Storage actor: restarts
+# per piece and the last failure. (category, name) of `Storage.get_document`.
+SUPERVISOR_DOCUMENT = ("training", "supervisor")
+
+
+def supervisor_view(doc: dict | None) -> dict:
+    """`supervisor` of the health answer: what the supervisor of `tbml up` restarted and the last failure
+    (`active: false` when nothing supervises this service, e.g. `tbml up --detach` or `serve deploy`)."""
+    if not isinstance(doc, dict):
+        return {"active": False, "restarts": {}, "lastFailure": None, "gaveUp": [], "down": [], "updatedAt": None}
+    return {"active": bool(doc.get("active")), "restarts": dict(doc.get("restarts") or {}),
+            "lastFailure": doc.get("lastFailure"), "gaveUp": list(doc.get("gaveUp") or []),
+            "down": list(doc.get("down") or []), "updatedAt": doc.get("updatedAt")}
+
+
 def health_status(storage: dict, redis_ok: bool, queue: dict | None, pairs_without_data: Sequence[str]) -> str:
     """unhealthy without storage; degraded without Redis, the training queue, or a pair's data."""
     if storage["status"] != "healthy":
