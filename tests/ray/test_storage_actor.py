@@ -162,3 +162,82 @@ def test_graceful_shutdown_flushes_the_buffer(ray_cluster, tmp_path: Path, how: 
         assert ray.get(again.count_predictions.remote("TSTE")) == 50
     finally:
         ray.kill(again, no_restart=True)
+
+
+def test_retention_schedule_removes_old_records_keeps_recent_ones_and_survives_sigkill(ray_cluster, tmp_path):
+    """storage.retention_hours on a short storage.retention_interval_s: the actor's own schedule removes
+    the records past the cutoff (predictions on disk and buffered, training records), keeps the recent
+    ones and every model version, reports it in stats, and carries on after its process is SIGKILLed."""
+    import os
+    import signal
+
+    import ray
+
+    from actors.storage import get_or_create_storage_actor
+    from ml.clock import now_ms
+    from ml.storage.retention import HOUR_MS
+    from ml.storage.store import TRAINING_HISTORY
+
+    name = f"tbml-storage-test-{uuid.uuid4().hex[:8]}"
+    handle = get_or_create_storage_actor(tmp_path, ray_cluster["namespace"], name=name,
+                                         retention_hours=168, retention_interval_s=0.3)
+
+    def retention() -> dict:
+        return ray.get(handle.stats.remote(), timeout=60)["retention"]
+
+    def wait_removed(predictions: int, training: int) -> dict:
+        deadline = time.monotonic() + 90
+        while True:
+            state = retention()
+            if state["totalRemoved"] == {"predictions": predictions, "trainingRecords": training}:
+                return state
+            assert state["totalRemoved"]["predictions"] <= predictions, state  # never more than the old ones
+            assert time.monotonic() < deadline, f"the schedule did not remove the old records: {state}"
+            time.sleep(0.2)
+
+    try:
+        first = retention()
+        assert first["enabled"] and first["intervalS"] == 0.3 and first["runs"] >= 1  # ran at start
+        now = now_ms()
+        old, recent = now - 200 * HOUR_MS, now - HOUR_MS
+        ray.get(handle.save_model_version.remote("TSTR", "lstm", "v1", {}, {"weights.pt": b"w"}))
+        ray.get(handle.set_production.remote("TSTR", "lstm", "v1", "test"))
+        ray.get(handle.put_document.remote("training", TRAINING_HISTORY, [
+            {"jobId": "old", "recordedAt": old}, {"jobId": "recent", "recordedAt": recent}]))
+        ray.get(handle.append_predictions.remote(
+            [{"pair": "TSTR", "timestamp": old + i, "age": "old"} for i in range(30)]
+            + [{"pair": "TSTR", "timestamp": recent + i, "age": "recent"} for i in range(20)]))
+        ray.get(handle.save.remote())  # these on disk, the next ones still in the buffer
+        ray.get(handle.append_predictions.remote([{"pair": "TSTS", "timestamp": old, "age": "old"},
+                                                  {"pair": "TSTS", "timestamp": now, "age": "recent"}]))
+
+        state = wait_removed(31, 1)
+        assert state["lastRun"]["retentionHours"] == 168 and state["lastError"] is None
+        assert state["lastRun"]["cutoff"] > old and state["lastRun"]["cutoff"] < recent
+        left = [r["age"] for p in ("TSTR", "TSTS") for r in ray.get(handle.query_predictions.remote(p, None))]
+        assert left == ["recent"] * 21
+        assert [r["jobId"] for r in ray.get(handle.training_history.remote())] == ["recent"]
+        assert [m["version"] for m in ray.get(handle.list_versions.remote("TSTR", "lstm"))] == ["v1"]
+
+        # SIGKILL the actor's process: Ray restarts it, the schedule carries on where it was (the last
+        # run and the totals are on disk) and removes what is old from then on.
+        old_pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        runs_before = state["runs"]
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30) != old_pid:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            assert time.monotonic() < deadline, "the Storage actor was not restarted"
+            time.sleep(0.3)
+        ray.get(handle.append_predictions.remote([{"pair": "TSTR", "timestamp": old + 100 + i, "age": "old"}
+                                                  for i in range(5)]))
+        state = wait_removed(36, 1)
+        assert state["runs"] > runs_before
+        assert ray.get(handle.count_predictions.remote("TSTR")) == 20
+        assert ray.get(handle.get_production.remote("TSTR", "lstm"))["version"] == "v1"
+    finally:
+        ray.kill(handle, no_restart=True)
