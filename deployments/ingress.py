@@ -110,6 +110,7 @@ app.add_middleware(http.JsonBodyMiddleware)
 app.add_middleware(errors.BodyLimitMiddleware, limit=lambda: _settings().api.max_body_bytes)
 app.add_middleware(http.OptionsMiddleware, routes=lambda: app.routes)
 app.add_middleware(http.CorsMiddleware, origins=lambda: _settings().api.cors_origins)
+openapi.install(app, _settings)  # the replica's settings: enums of what it validates
 
 _BEARER = HTTPBearer(auto_error=False, scheme_name=openapi.SCHEME,
                      description="TBML_API_TOKEN (api.token): needed by every mutating endpoint when set")
@@ -168,8 +169,6 @@ class IngressImpl:
                                       max_batch=self.args.history_max_batch,
                                       max_buffer=self.args.history_max_buffer,
                                       after_flush=self.actors.ensure_monitor)  # history to resolve now
-        openapi.install(app, model_types=self.model_types, horizons=list(s.labels.horizons),
-                        pairs=list(s.pairs), token_required=bool(s.api.token))
         self.status = StatusReports(settings=s, cache=self.cache, reader=self.reader, actors=self.actors,
                                     snapshots=self.snapshots, predictions=self.predictions_, history=self.history_,
                                     model_types=self.model_types, tag=replica_tag(), namespace=self.namespace,

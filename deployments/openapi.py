@@ -11,13 +11,14 @@ FastAPI's own document is the starting point; `api_document` then, per operation
 * keeps the bearer token as a security scheme on the mutating operations (the Authorize button of
   /docs); without a configured token it is optional there (`{}` alternative) and 401 is not listed.
 
-Built once per replica from its settings (the ingress calls `install`), so the document and the
+Built once per replica from its settings (`install`, on the first request), so the document and the
 validation read the same values. Ray-free.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -122,15 +123,20 @@ def api_document(app: FastAPI, *, model_types: list[str], horizons: list[int], p
     return doc
 
 
-def install(app: FastAPI, **settings: Any) -> None:
-    """Serve `api_document(app, **settings)` as the app's /openapi.json (and so /docs), built once."""
+def install(app: FastAPI, settings: Callable[[], Any]) -> None:
+    """Serve the document of `app` for `settings()` (ml.config.Settings) as /openapi.json (and so
+    /docs), built on the first request. Installed on the module's app before Serve copies it for the
+    replica (`serve.ingress` pickles the app), and read after the replica applied its environment."""
     cache: dict[str, Any] = {}
 
-    def openapi() -> dict[str, Any]:
+    def document() -> dict[str, Any]:
         if "doc" not in cache:
-            cache["doc"] = api_document(app, **settings)
+            s = settings()
+            cache["doc"] = api_document(app, model_types=list(s.model.enabled_types),
+                                        horizons=[int(h) for h in s.labels.horizons], pairs=list(s.pairs),
+                                        token_required=bool(s.api.token))
             app.openapi_schema = cache["doc"]
         return cache["doc"]
 
     app.openapi_schema = None
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = document  # type: ignore[method-assign]

@@ -5,8 +5,9 @@ OPTIONS, the configured enums, and schemathesis (its Python API, every check) fu
 The fuzzer runs destructive operations (cleanup, emergency stop, promote, cancel), so this module
 deploys its own application on the session's Ray cluster: a throwaway data directory (not the session
 one, which other modules' models live in), its own namespace (so its own Storage actor, training
-queue and no accuracy monitor), pairs FZA (candles, no model) and its own settings (two model types,
-two horizons: the enums the document must show). Serve itself is one per cluster: the module starts
+queue and no accuracy monitor) and one pair, FZA (candles, no model until the fuzzer trains one). Its
+settings are the cluster's (the training queue reads the same), so the enums the document must show
+are `model.enabled_types` and `labels.horizons` of `ml.config`. Serve itself is one per cluster: the module starts
 it on a free port and shuts it down at the end, as tests/ray/test_serving_api.py does.
 
 Bounded for 2 cores: a few examples per operation, no shrinking, no Hypothesis deadline; training runs
@@ -33,8 +34,6 @@ pytestmark = pytest.mark.ray
 TOKEN = "fuzz-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PAIR = "FZA"
-MODEL_TYPES = ["lstm", "gru"]
-HORIZONS = [1, 5]
 APP = "tbml-fuzz-test"
 BARS = 1200
 TINY = {"bars": 600, "seq_len": 8, "hidden": 8, "batch_size": 256, "patience": 1}
@@ -92,9 +91,7 @@ def fuzz_app(ray_cluster, redis_server, tmp_path_factory):
               "pairs": [PAIR], "snapshot_interval_s": 0.2, "queue_name": queue_name, "actor_timeout_s": 60,
               "monitor": False,
               "queue_overrides": {"tick_s": 0.2, "cooldown_minutes": 30, "train_overrides": TINY, "num_workers": 1,
-                                  "cpus_per_worker": 0.5, "max_attempts": 1},
-              "env": {"TBML_MODEL__ENABLED_TYPES": json.dumps(MODEL_TYPES),
-                      "TBML_LABELS__HORIZONS": json.dumps(HORIZONS)}},
+                                  "cpus_per_worker": 0.5, "max_attempts": 1}},
         deployments={"Ingress": tiny, "Features": tiny,
                      "Predictor": {**tiny, "autoscaling_config": None, "num_replicas": 1}},
     )
@@ -203,12 +200,14 @@ def test_every_readme_body_works_without_a_json_content_type(fuzz_app):
     assert len(lines) >= 6 and any("/api/training/job/" in line and "-X DELETE" in line for line in lines)
     base = fuzz_app["base"]
     c = fuzz_app["client"]
+    job_id = None
     for line in lines:
         status, body = _curl(base, line, json_type=False)
         assert status not in (400, 415, 422), (line, status, body)
         if "/api/train/" in line:  # queues a job: the body's numbers are the job's
             assert status == 202, (line, status, body)
-            job = _json(c.get(f"/api/training/job/{body['jobId']}"))["job"]
+            job_id = body["jobId"]
+            job = _json(c.get(f"/api/training/job/{job_id}"))["job"]
             assert (job["params"]["epochs"], job["priority"]) == (20, 3), job
             continue
         again_status, again = _curl(base, line, json_type=True)
@@ -220,23 +219,23 @@ def test_every_readme_body_works_without_a_json_content_type(fuzz_app):
         elif "/promote" in line or "/rollback" in line or "-X DELETE" in line:
             # the README's placeholders name nothing stored: found to be missing, so the body was read
             assert status == 404 and body["error"] in ("version_not_found", "job_not_found"), (line, body)
-
-    # a real job cancelled with the README's body: its reason is the one the body gave
-    queued = c.post(f"/api/train/{PAIR}/gru", content=b'{"epochs": 1, "priority": 3}', headers=AUTH)
-    assert queued.status_code == 202, queued.text
-    job_id = queued.json()["jobId"]
-    line = next(line for line in lines if "-X DELETE" in line)
-    reason = json.loads(re.search(r"-d '(.*)'", line).group(1))["reason"]
-    status, body = _curl(base, re.sub(r"/api/training/job/\S+", f"/api/training/job/{job_id}", line),
-                         json_type=False)
-    assert status == 200 and body["success"] is True, body
-    assert _json(c.get(f"/api/training/job/{job_id}"))["job"]["cancelReason"] == reason
+        if "-X DELETE" in line and job_id:  # the README's cancel of the job its train line queued
+            reason = json.loads(re.search(r"-d '(.*)'", line).group(1))["reason"]
+            real = re.sub(r"/api/training/job/\S+", f"/api/training/job/{job_id}", line)
+            status, body = _curl(base, real, json_type=False)
+            assert status == 200 and body["success"] is True, body
+            assert _json(c.get(f"/api/training/job/{job_id}"))["job"]["cancelReason"] == reason
+    assert job_id is not None
 
 
 # ============================================================================================ document
 
 
 def test_the_document_shows_the_configured_enums_the_security_and_every_method(fuzz_app):
+    from ml.config import get_settings
+
+    settings = get_settings()
+    model_types, horizons = list(settings.model.enabled_types), list(settings.labels.horizons)
     c = fuzz_app["client"]
     doc = _json(c.get("/openapi.json"))
     paths = doc["paths"]
@@ -245,10 +244,10 @@ def test_the_document_shows_the_configured_enums_the_security_and_every_method(f
         for method, op in ops.items():
             for param in op.get("parameters", []):
                 if param["name"] == "model":
-                    assert param["schema"]["enum"] == MODEL_TYPES, (path, param)
+                    assert param["schema"]["enum"] == model_types, (path, param)
                     seen["model"] += 1
                 if param["name"] == "horizon":
-                    assert param["schema"]["enum"] == HORIZONS, (path, param)
+                    assert param["schema"]["enum"] == horizons, (path, param)
                     seen["horizon"] += 1
             responses = op["responses"]
             assert "500" in responses, (method, path)
@@ -261,7 +260,7 @@ def test_the_document_shows_the_configured_enums_the_security_and_every_method(f
                 assert {"400", "401", "413"} <= set(responses), (method, path, sorted(responses))
             else:
                 assert "security" not in op, (method, path)
-    assert seen["model"] >= 6 and seen["horizon"] == 1, seen
+    assert seen["model"] >= 6 and seen["horizon"] == 1, seen  # 3 queries, 3 paths
     scheme = doc["components"]["securitySchemes"]["bearerAuth"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer"), scheme
     assert "HTTPValidationError" not in doc["components"]["schemas"]
@@ -284,15 +283,15 @@ def test_the_document_shows_the_configured_enums_the_security_and_every_method(f
     assert "access-control-allow-origin" not in r.headers
 
     # what the enums say is what is validated
-    for model in ("gru", "lstm"):
+    for model in model_types:
         assert c.get(f"/api/predictions/{PAIR}", params={"model": model}).status_code == 200
-    for bad in ("LSTM", "", "transformer"):
+    for bad in ("LSTM", "", "nosuchmodel"):
         r = c.get(f"/api/predictions/{PAIR}", params={"model": bad})
         assert r.status_code == 422 and _json(r)["error"] == "invalid_model" and r.json()["availableModels"] == \
-            MODEL_TYPES, (bad, r.text)
-    r = c.post(f"/api/train/{PAIR}/transformer", json={}, headers=AUTH)
+            model_types, (bad, r.text)
+    r = c.post(f"/api/train/{PAIR}/nosuchmodel", json={}, headers=AUTH)
     assert r.status_code == 404 and _json(r)["error"] == "model_not_found", r.text
-    for h in HORIZONS:
+    for h in horizons:
         assert _json(c.get(f"/api/predictions/{PAIR}", params={"horizon": h}))["prediction"]["horizon"] == h
     r = c.get(f"/api/predictions/{PAIR}", params={"horizon": 7})
     assert r.status_code == 422 and _json(r)["error"] == "invalid_horizon", r.text
