@@ -5,11 +5,14 @@
         Starts Redis (unless TBML_REDIS_URL), a Ray head with its dashboard, the Storage,
         TrainingQueue and market-feed actors, the Serve app of serve_config.yaml, queues the first
         training per pair, prints the URLs. Runs in the foreground until Ctrl-C / SIGTERM, then stops
-        everything it started; --detach returns once it is up.
+        everything it started; meanwhile it restarts its Redis, the market feed and the accuracy
+        monitor when they die, and ends (exit 1) only when the Ray head is gone. --detach returns
+        once it is up (and supervises nothing).
     tbml down [--data-dir D]
         Stops exactly what `tbml up` recorded in {data_dir}/run/state.json ("nothing to stop" otherwise).
     tbml status [--json] [--data-dir D]
-        The recorded processes, whether they live, and the feed, Serve and queue as the cluster sees them.
+        The recorded processes, whether they live, the supervisor's restarts and last failure, and the
+        feed, Serve and queue as the cluster sees them.
 
 Exit codes: 0 success; 2 bad input (a port in use, already running); 1 failure. See docs/operations.md.
 """
@@ -67,7 +70,7 @@ def register(subparsers) -> None:
     down.add_argument("--data-dir", default=None, help="data directory (default: TBML_DATA_DIR / settings)")
     down.set_defaults(handler=cmd_down)
 
-    st = subparsers.add_parser("status", help="show what `tbml up` started and whether it runs")
+    st = subparsers.add_parser("status", help="show what `tbml up` started, whether it runs, what was restarted")
     st.add_argument("--json", action="store_true", help="print the full report as JSON")
     st.add_argument("--no-live", dest="live", action="store_false", help="do not connect to the cluster")
     st.add_argument("--data-dir", default=None, help="data directory (default: TBML_DATA_DIR / settings)")

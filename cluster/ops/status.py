@@ -12,6 +12,7 @@ from cluster.ops.driver import run_as_driver
 from cluster.ops.options import settings_fresh
 from cluster.ops.processes import http_get
 from cluster.ops.state import RUN_DIR, gcs_alive, read_state, state_processes
+from ml.clock import now_ms
 
 
 def status(*, live: bool = True, timeout_s: float = 30.0) -> dict[str, Any]:
@@ -77,7 +78,8 @@ def format_status(report: dict[str, Any]) -> str:
                 line += f"; {label} {', '.join(sup[key])}"
         failure = sup.get("lastFailure")
         if failure:
-            line += f"; last failure {failure['piece']} at {failure['at']}: {failure['reason']}"
+            ago = max(0, now_ms() - int(failure["at"])) // 1000
+            line += f"; last failure {failure['piece']} {ago}s ago: {failure['reason']}"
         lines.append(line)
     elif sup:
         lines.append(f"  supervisor: none ({sup.get('mode')}: nothing restarts a piece that dies)")

@@ -178,8 +178,9 @@ class RedisWatch:
             code = self.proc.poll()
             if code is None:
                 return
-            last = tail(self.run / LOG_NAME, 2).replace("\n", " | ")
-            self.ledger.failed(self.NAME, exit_reason(code) + (f"; log: {last}" if last else ""))
+            # an exit of its own says why in its log; a killed process wrote nothing about it
+            last = tail(self.run / LOG_NAME, 1).strip() if code > 0 else ""
+            self.ledger.failed(self.NAME, exit_reason(code) + (f"; last log line: {last}" if last else ""))
         if not self.ledger.due(self.NAME):
             return
         try:

@@ -184,6 +184,18 @@ def _assert_stopped(svc: Service, state: dict, procs: dict[int, int]) -> None:
     assert again.returncode == 0 and "nothing to stop" in again.stdout
 
 
+def _wait_supervisor(svc: Service, timeout_s: float = 30.0) -> dict:
+    """The supervisor's entry in the run state once the foreground `up` has handed over to it."""
+    deadline = time.monotonic() + timeout_s
+    sup = None
+    while time.monotonic() < deadline:
+        sup = (svc.state() or {}).get("supervisor") or {}
+        if sup.get("active") and "attempts" in sup and sup.get("mode") == "foreground":
+            return sup
+        time.sleep(0.2)
+    pytest.fail(f"no active supervisor in the run state: {sup}")
+
+
 def test_up_serves_feeds_and_down_leaves_nothing(service_factory, ray_cluster):
     import ray
 
@@ -214,6 +226,9 @@ def test_up_serves_feeds_and_down_leaves_nothing(service_factory, ray_cluster):
         health = json.loads(body)
         assert code == 200 and health["status"] in ("healthy", "degraded"), (code, body[:500])
         assert health["components"]["redis"]
+        # detached: nothing supervises (docs/operations.md, Supervision), and health says so
+        assert health["supervisor"]["active"] is False, health.get("supervisor")
+        assert state["supervisor"]["active"] is False and state["supervisor"]["mode"] == "detached"
     serve_missing = None if state["serve"]["deployed"] else state["serve"].get("reason")
 
     # candles: the embedded history exists and is current; the feed keeps ticking
@@ -278,6 +293,8 @@ def test_foreground_up_with_token_auth_stops_on_sigint(service_factory):
         assert "token auth ON" in output
         state = svc.state()
         assert state["mode"] == "foreground" and state["owner"]["pid"] == proc.pid
+        sup = _wait_supervisor(svc)
+        assert sup["restarts"] == {"redis": 0, "feed": 0, "monitor": 0} and sup["lastFailure"] is None, sup
         assert state["auth"] == {"mode": "token", "tokenSource": "RAY_AUTH_TOKEN_PATH",
                                  "tokenPath": str(svc.token_path)}
         token = svc.token_path.read_text().strip()
