@@ -40,7 +40,7 @@ from ml.clock import now_ms
 
 HEAD_PROCESSES = ("gcs", "raylet")
 LIVE_ACTOR_STATES = frozenset({"ALIVE", "PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY"})
-DRIVER_TIMEOUT_S = 120.0
+DRIVER_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,9 @@ class ActorWatch(threading.Thread):
             ray.get(monitor.ping.remote(), timeout=60)
         return f"actor {spec.actor_name} recreated"
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = DRIVER_TIMEOUT_S + 15.0) -> None:
+        """Let a driver pass finish: the teardown connects as a driver too, and Ray has one connection
+        per process (a pass still running would disconnect it)."""
         self.stopping.set()
         self.wake.set()
         self.join(timeout_s)
