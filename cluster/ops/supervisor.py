@@ -70,6 +70,7 @@ class Piece:
     up_since: float = field(default_factory=time.monotonic)
     down: bool = False
     due: float = 0.0             # monotonic time of the next restart attempt
+    delay_s: float = 0.0         # the backoff chosen at the last failure
     gave_up: bool = False
 
 
@@ -116,7 +117,8 @@ class Ledger:
                 p.consecutive = 0  # it had been up long enough: start the backoff anew
             p.down = True
             p.consecutive += 1
-            p.due = now + self.backoff.delay(p.consecutive)
+            p.delay_s = self.backoff.delay(p.consecutive)
+            p.due = now + p.delay_s
             limit = self.sup.max_restarts
             if limit and p.attempts >= limit:
                 p.gave_up = True
@@ -125,8 +127,8 @@ class Ledger:
                 self.out(f"supervisor: {name} failed ({reason}); {p.attempts} restart attempt(s) made, the "
                          f"limit (supervisor.max_restarts={limit}): no more restarts, serving without it")
             else:
-                self.out(f"supervisor: {name} failed ({reason}); restarting it in "
-                         f"{max(0.0, p.due - now):.1f}s (attempt {p.attempts + 1})")
+                self.out(f"supervisor: {name} failed ({reason}); restarting it in {p.delay_s:.1f}s "
+                         f"(attempt {p.attempts + 1})")
             self.record()
 
     def due(self, name: str) -> bool:

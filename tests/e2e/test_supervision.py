@@ -187,6 +187,12 @@ def test_sigkill_of_redis_degrades_then_the_supervisor_restarts_it(running):
           f"{t_restarted - t_kill:.1f}s (backoff {SUPERVISOR_ENV['TBML_SUPERVISOR__BACKOFF_INITIAL_S']}s), "
           f"healthy after {t_healthy - t_kill:.1f}s; {clients.ok - served_before} answers since the kill")
     assert healthy["components"]["redis"]["status"] in ("healthy", "connected"), healthy["components"]["redis"]
+    assert healthy["components"]["redis"]["degraded"] is False, healthy["components"]["redis"]
+    # the replicas reconnected by themselves: the new (empty) redis-server gets their cache entries
+    import redis as redis_client
+
+    fresh = redis_client.Redis(host="127.0.0.1", port=new["port"], socket_timeout=2)
+    _wait(lambda: fresh.dbsize() > 0, 60, "cache entries in the restarted Redis")
     sup = _wait(lambda: (s := fg.health()["supervisor"])["restarts"].get("redis") == 1 and s, 60,
                 "health counts the Redis restart")
     assert sup["lastFailure"]["piece"] == "redis" and "SIGKILL" in sup["lastFailure"]["reason"], sup

@@ -51,3 +51,28 @@ def test_a_detached_start_publishes_an_inactive_document():
     assert initial_document(True, managed_redis=True)["active"] is False
     doc = initial_document(False, managed_redis=True)
     assert doc["active"] and doc["restarts"] == {"redis": 0, "feed": 0, "monitor": 0}
+
+
+def test_consecutive_failures_back_off_and_a_stable_run_starts_anew(tmp_path):
+    def ledger(stable_s: float) -> Ledger:
+        state = new_state(tmp_path, "tbml-test", {"mode": "disabled"}, detach=False)
+        sup = SupervisorSettings(backoff_initial_s=10.0, backoff_factor=2.0, backoff_max_s=25.0, stable_s=stable_s)
+        return Ledger(state, tmp_path, ["redis"], sup, lambda _m: None)
+
+    flappy = ledger(stable_s=3600.0)
+    delays = []
+    for _ in range(3):
+        flappy.failed("redis", "killed by SIGKILL")
+        delays.append(flappy.pieces["redis"].delay_s)
+        flappy.pieces["redis"].due = 0.0  # due now (no sleeping in tests)
+        assert flappy.due("redis")
+        flappy.restarted("redis", "pid 1")
+    assert delays == [10.0, 20.0, 25.0]
+
+    steady = ledger(stable_s=1e-9)  # every run counts as stable: each failure is a first one
+    for _ in range(3):
+        steady.failed("redis", "killed by SIGKILL")
+        assert steady.pieces["redis"].delay_s == 10.0
+        steady.pieces["redis"].due = 0.0
+        assert steady.due("redis")
+        steady.restarted("redis", "pid 1")
