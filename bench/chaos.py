@@ -196,6 +196,11 @@ class Run:
             return back
 
         self.serving_fault(res, inject)
+        code, body = http_json(self.port, "GET", "/api/health", timeout=10)
+        sup = body.get("supervisor") if isinstance(body, dict) else None
+        if isinstance(sup, dict):
+            res.notes.append(f"/api/health afterwards: supervisor active={sup.get('active')}, "
+                             f"restarts={sup.get('restarts')}, down={sup.get('down')}")
 
     def _actor_fault(self, res: FaultResult, what: str, **match: str) -> None:
         def inject(r: FaultResult) -> Callable[[], bool] | None:
