@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from starlette.routing import Match
@@ -43,14 +43,31 @@ class JsonBodyMiddleware:
         await self.app(scope, receive, send)
 
 
+def _walk(routes: Iterable[Any], prefix: str = "") -> Iterator[tuple[Any, str]]:
+    """(route, path prefix) of every route, also inside included routers: FastAPI >= 0.137 keeps an
+    included router as one node (`original_router`), and Serve includes the ingress class's routes so."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            context = getattr(route, "include_context", None)
+            yield from _walk(inner.routes, prefix + str(getattr(context, "prefix", "") or ""))
+        else:
+            yield route, prefix
+
+
 def allowed_methods(routes: Iterable[Any], scope: dict) -> list[str]:
     """Methods of every route whose path matches `scope` (+ OPTIONS); [] when no route matches."""
     found: set[str] = set()
-    for route in routes:
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
+    for route, prefix in _walk(routes):
         methods = getattr(route, "methods", None)
-        if not methods:
+        if not methods or not hasattr(route, "matches") or (prefix and not path.startswith(prefix)):
             continue
-        match, _ = route.matches(scope)
+        # a bare scope: one that went through routing carries the matched route, which FastAPI reuses
+        match, _ = route.matches({"type": "http", "method": "GET", "path": path[len(prefix):], "root_path": ""})
         if match != Match.NONE:
             found |= {m.upper() for m in methods}
     if not found:

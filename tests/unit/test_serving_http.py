@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import pytest
-from fastapi import Body, FastAPI
+from fastapi import APIRouter, Body, FastAPI
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -35,10 +35,21 @@ def _app(origins: list[str] | None = None) -> FastAPI:
     async def job(job_id: str):
         return {"job": job_id}
 
-    @app.delete("/job/{job_id}")
+    # included, as Serve includes the ingress class's routes (one router node in app.routes)
+    router = APIRouter()
+
+    @router.delete("/job/{job_id}")
     async def cancel(job_id: str, body: Annotated[CancelBody | None, Body()] = None):
         return {"cancelled": job_id, "reason": body.reason if body else None}
 
+    prefixed = APIRouter()
+
+    @prefixed.get("/x/{name}")
+    async def named(name: str):
+        return {"name": name}
+
+    app.include_router(router)
+    app.include_router(prefixed, prefix="/v")
     return app
 
 
@@ -99,6 +110,8 @@ def test_options_and_405_list_every_method_of_the_path():
     assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
     assert r.headers["allow"] == "GET, DELETE, OPTIONS"
     assert c.options("/cleanup").headers["allow"] == "POST, OPTIONS"
+    assert c.options("/v/x/a").headers["allow"] == "GET, OPTIONS"
+    assert c.post("/v/x/a").headers["allow"] == "GET, OPTIONS"
     r = c.options("/nowhere")
     assert r.status_code == 404 and r.json()["error"] == "not_found"
     assert "access-control-allow-origin" not in c.get("/job/J1", headers={"Origin": "http://ui"}).headers
