@@ -4,7 +4,8 @@ clients asking for predictions in a thread the whole time.
 - SIGKILL of the redis-server `up` started: no request fails, /api/health turns `degraded`, the
   supervisor starts Redis again (same port), health is `healthy` again, and `tbml status --json` and
   /api/health count one Redis restart with the last failure;
-- `ray.kill` of the market feed actor: the supervisor recreates it and the feed ticks again;
+- `ray.kill` of the market feed and accuracy monitor actors: the supervisor recreates them and the
+  feed ticks again;
 - afterwards the service still serves; then the loss of the Ray head (SIGKILL of its GCS) ends the
   run with exit 1 and a clear message, and everything is stopped, the restarted Redis included.
 """
@@ -210,26 +211,31 @@ def test_sigkill_of_redis_degrades_then_the_supervisor_restarts_it(running):
     assert not clients.fallbacks, clients.fallbacks[:10]
 
 
-def test_a_killed_feed_actor_is_recreated(running):
+def test_killed_feed_and_monitor_actors_are_recreated(running):
     svc, fg, clients = running
     before = svc.status()
-    assert "ticks" in before["live"]["feed"], before["live"]
-    feeds_before = before["supervisor"]["restarts"]["feed"]
+    assert "ticks" in before["live"]["feed"] and "error" not in before["live"]["monitor"], before["live"]
+    restarts = before["supervisor"]["restarts"]
     address = svc.state()["ray"]["address"]
     kill = subprocess.run(
         [sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], namespace='tbml', "
-         "log_to_driver=False); ray.kill(ray.get_actor('tbml-market-feed')); print('KILLED')", address],
+         "log_to_driver=False); [ray.kill(ray.get_actor(n)) for n in sys.argv[2:]]; print('KILLED')",
+         address, "tbml-market-feed", "tbml-accuracy-monitor"],
         cwd="/tmp", env=svc.env, capture_output=True, text=True, timeout=180)
     assert kill.returncode == 0 and "KILLED" in kill.stdout, kill.stderr[-2000:]
 
-    after = _wait(lambda: (r := svc.status())["supervisor"]["restarts"]["feed"] == feeds_before + 1 and r, 120,
-                  "the supervisor recreated the feed")
-    assert after["supervisor"]["lastFailure"]["piece"] == "feed", after["supervisor"]
-    # the new actor answers and ticks
-    ticks = _wait(lambda: (svc.status()["live"].get("feed") or {}).get("ticks", 0) >= 1 and True, 60,
-                  "the recreated feed ticks")
-    assert ticks
-    assert "supervisor: feed restarted" in fg.log()
+    def recreated():
+        r = svc.status()
+        now = r["supervisor"]["restarts"]
+        return now["feed"] == restarts["feed"] + 1 and now["monitor"] == restarts["monitor"] + 1 and r
+
+    after = _wait(recreated, 120, "the supervisor recreated the feed and the monitor")
+    assert after["supervisor"]["lastFailure"]["piece"] in ("feed", "monitor"), after["supervisor"]
+    assert "error" not in after["live"]["monitor"], after["live"]["monitor"]
+    # the new feed actor answers and ticks
+    _wait(lambda: (svc.status()["live"].get("feed") or {}).get("ticks", 0) >= 1, 60, "the recreated feed ticks")
+    log = fg.log()
+    assert "supervisor: feed restarted" in log and "supervisor: monitor restarted" in log, log[-3000:]
     assert not clients.failures, clients.failures[:10]
 
 
