@@ -76,3 +76,15 @@ def test_consecutive_failures_back_off_and_a_stable_run_starts_anew(tmp_path):
         steady.pieces["redis"].due = 0.0
         assert steady.due("redis")
         steady.restarted("redis", "pid 1")
+
+
+def test_the_health_block_of_the_supervisor_document():
+    from ml.serving.views import supervisor_view
+
+    assert supervisor_view(None) == {"active": False, "restarts": {}, "lastFailure": None, "gaveUp": [],
+                                     "down": [], "updatedAt": None}
+    doc = initial_document(False, managed_redis=True) | {
+        "restarts": {"redis": 1, "feed": 0, "monitor": 0},
+        "lastFailure": {"piece": "redis", "at": 1, "reason": "killed by SIGKILL"}}
+    view = supervisor_view(doc)
+    assert view["active"] and view["restarts"]["redis"] == 1 and view["lastFailure"]["piece"] == "redis"
