@@ -18,6 +18,14 @@ Cancel: if the progress actor's report_progress returns "cancel"/"stop" or a dic
 ml.training.loop.TrainingCancelled (nothing to register). Killing the task that runs run_torch_trainer
 also stops the run (Ray tears the workers down with the controller).
 
+Failures: FailureConfig(max_failures=settings.training.max_failures). A worker that dies mid-run
+(its process killed, its node lost) makes Ray Train restart the worker group, and every worker
+resumes from the run's latest epoch checkpoint (`ray.train.get_checkpoint()` in the train loop), so
+the run goes on from its last finished epoch instead of from scratch. Start-up is bounded: Ray Train
+waits `settings.training.start_timeout_s` for the workers' resources (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+and gives up after that one timeout (controller_failure_limit=0); the error reaches the caller,
+which retries the attempt (the queue does, by its rule) instead of waiting for CPUs forever.
+
 Resume: a run directory with the same run_name under storage_path holds Ray Train's checkpoint
 snapshot. With resume=True training continues from its latest checkpoint (when the config and
 data shape match); with resume=False (default) an existing name gets a unique suffix instead.
@@ -27,7 +35,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +59,7 @@ CHECKPOINT_FILE = "state.pt"
 # driver's value is propagated to the controller; we lower the default unless the operator set one.
 HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_HEALTH_CHECK_INTERVAL_S = "0.25"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 RESULTS_DIR = "ray_results"
 PROGRESS_TIMEOUT_S = 10.0
 
@@ -74,21 +85,27 @@ def _progress_handle(progress_actor: tuple[str, str] | None):
         return None
 
 
-def _report_placement_group(actor, job_id: str | None) -> None:
+def _report_placement_group(actor, job_id: str | None) -> bool:
     """Tell the progress actor which placement group holds this run's CPUs (best effort).
 
-    A progress actor without `report_resources` (it is optional) simply does not get it.
+    A progress actor without `report_resources` (it is optional) simply does not get it. False when
+    the report did not arrive (e.g. the queue actor is restarting): the caller tries again next epoch.
     """
     import ray
     from ray.util import get_current_placement_group
 
-    pg = get_current_placement_group()
-    if pg is None:
-        return
     try:
-        ray.get(actor.report_resources.remote(job_id, {"placementGroup": pg.id.hex()}), timeout=PROGRESS_TIMEOUT_S)
+        method = actor.report_resources
+    except AttributeError:
+        return True
+    pg = get_current_placement_group()
+    try:
+        ray.get(method.remote(job_id, {"placementGroup": pg.id.hex() if pg is not None else None}),
+                timeout=PROGRESS_TIMEOUT_S)
     except Exception as exc:
         log.info("placement group not reported: %s", exc)
+        return False
+    return True
 
 
 def _train_loop_per_worker(config: dict) -> dict:
@@ -118,9 +135,7 @@ def _train_loop_per_worker(config: dict) -> dict:
 
     actor = _progress_handle(config.get("progress_actor")) if rank == 0 else None
     job_id = config.get("job_id")
-    if actor is not None:
-        _report_placement_group(actor, job_id)
-    stop = {"flag": False}
+    stop = {"flag": False, "resources_told": actor is None or _report_placement_group(actor, job_id)}
     last_state: dict = {}
 
     def on_checkpoint(state: dict) -> None:
@@ -131,6 +146,8 @@ def _train_loop_per_worker(config: dict) -> dict:
         metrics = {k: info[k] for k in ("epoch", "total", "loss", "val_loss", "best_val_loss", "best_epoch",
                                         "elapsed_s", "epoch_s", "samples_per_s", "eta_s")}
         cancel = False
+        if actor is not None and not stop["resources_told"]:
+            stop["resources_told"] = _report_placement_group(actor, job_id)
         if actor is not None:
             progress = {k: info[k] for k in ("epoch", "total", "loss", "val_loss", "eta_s")}
             try:
@@ -180,12 +197,14 @@ def run_torch_trainer(
     settings=None,
     resume: bool = False,
     keep_checkpoints: int | None = None,
+    max_failures: int | None = None,
 ) -> TrainResult:
     """Train `cfg` as a Ray Train TorchTrainer job and return the same TrainResult as train_local.
 
     Needs a connected Ray (ray.init or running inside a Ray task/actor). `candles` skips loading
     (tests, benchmarks). num_workers / cpus_per_worker default to settings.training. Raises
-    TrainingCancelled when cancelled through the progress actor; any worker error propagates.
+    TrainingCancelled when cancelled through the progress actor; any worker error propagates once
+    `max_failures` (default settings.training.max_failures) worker-group restarts are used up.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -219,6 +238,8 @@ def run_torch_trainer(
     fingerprint = f"{cfg.model_dump_json()}|{len(dataset.feature_names)}|{len(dataset.y_train)}"
 
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, DEFAULT_HEALTH_CHECK_INTERVAL_S)
+    os.environ[START_TIMEOUT_ENV] = str(float(settings.training.start_timeout_s))  # propagated to the controller
+    failures = int(settings.training.max_failures if max_failures is None else max_failures)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "data_ref": data_ref, "job_id": job_id,
@@ -229,11 +250,19 @@ def run_torch_trainer(
             name=name,
             storage_path=str(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=failures, controller_failure_limit=0),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.threads)}},
         ),
     )
-    result = trainer.fit()  # raises the worker's error if the run failed
+    # fit() installs a SIGINT handler (graceful abort on Ctrl-C) that holds the controller's handle;
+    # left in place it keeps the finished run's controller alive in this (pooled) worker process
+    on_main = threading.current_thread() is threading.main_thread()
+    previous_sigint = signal.getsignal(signal.SIGINT) if on_main else None
+    try:
+        result = trainer.fit()  # raises the worker's error if the run failed
+    finally:
+        if on_main and previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
     summary = result.return_value or {}
     if summary.get("stopped") == "cancelled" or (result.metrics or {}).get("cancelled"):
         raise TrainingCancelled(f"training of {cfg.pair}/{cfg.model_type} cancelled (run {name})")

@@ -97,6 +97,10 @@ class TrainingSettings(_Section):
     seed: int = 7
     num_workers: int = 1
     cpus_per_worker: float = 1.0
+    max_failures: int = Field(2, ge=-1, description="Ray Train worker-group failures a run recovers from (resuming "
+                              "from its last epoch checkpoint); -1 = unlimited")
+    start_timeout_s: float = Field(120, gt=0, allow_inf_nan=False, description="Ray Train's wait for the run's "
+                                   "workers (their CPUs) before the attempt fails")
 
 
 class SignalSettings(_Section):
@@ -115,6 +119,8 @@ class QueueSettings(_Section):
     retry_base_s: float = 30
     history_limit: int = 1000
     retrain_interval_minutes: float = 0
+    start_timeout_s: float = Field(600, gt=0, allow_inf_nan=False, description="a started run whose training "
+                                   "workers have not come up by then is stopped and the attempt fails (retried)")
 
 
 class StorageSettings(_Section):

@@ -43,6 +43,8 @@ class Job:
     restored: int = 0
     run_id: str | None = None  # identifies one start of the job (attempt + restore count)
     head: bool = False  # interrupted by a restart: runs before every other queued job
+    placement_group: str | None = None  # hex id of the current run's Ray Train placement group (its CPUs)
+    running_at: int | None = None  # when the current run's training workers came up (None: still starting)
 
     @property
     def key(self) -> str:

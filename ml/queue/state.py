@@ -27,7 +27,13 @@ Rules
 * History keeps the newest `history_limit` finished jobs.
 * `snapshot()` / `QueueState.restore()`: a JSON-able round trip. Jobs that were *active* when the
   snapshot was taken are put back at the head of the queue on restore (their Ray work died with the
-  old actor process); the interrupted attempt is not counted against `max_attempts`.
+  old actor process); the interrupted attempt is not counted against `max_attempts`. With
+  `keep_active=True` they stay active instead (same run id, `restored` + 1): the shell then either
+  adopts the run, which outlived the old process, or reports it lost with `fail()` (the usual retry
+  rule: the attempt counts, backoff, priority + 2).
+* Start-up: `note_running()` records that a run's training workers came up (and the placement group
+  that holds their CPUs); `overdue()` lists the runs that did not within `start_timeout_s`, which the
+  shell stops and `fail()`s, so no run waits for resources forever.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class QueueConfig(QueueSettings):
             raise ValueError("cooldown_minutes and retry_base_s must be >= 0")
         if self.history_limit < 1:
             raise ValueError("history_limit must be >= 1")
+        if not self.start_timeout_s > 0:
+            raise ValueError("start_timeout_s must be > 0")
         return self
 
     @classmethod
@@ -95,6 +103,10 @@ class QueueConfig(QueueSettings):
     @property
     def cooldown_ms(self) -> int:
         return int(round(self.cooldown_minutes * 60_000))
+
+    @property
+    def start_timeout_ms(self) -> int:
+        return int(round(self.start_timeout_s * 1000))
 
     @property
     def retrain_interval_ms(self) -> int:
@@ -285,6 +297,8 @@ class QueueState:
         job.progress = None
         job.run_id = f"a{job.attempts}r{job.restored}"
         job.head = False
+        job.placement_group = None
+        job.running_at = None
         self.active[job_id] = job
         self._changed()
         return job
@@ -309,6 +323,32 @@ class QueueState:
         # Not a persisted change: progress is transient (a restored job starts over without it),
         # and writing the snapshot every epoch would be wasted I/O.
         return job
+
+    def note_running(self, job_id: str, now: int, run_id: str | None = None,
+                     placement_group: str | None = None) -> Job | None:
+        """The run's training workers are up (`placement_group`: hex id of what holds their CPUs).
+
+        Persisted (a change): after a restart the shell still knows what to release if the run is lost.
+        None unless the job is active and `run_id` (when given) is its current run.
+        """
+        job = self.active_run(job_id, run_id)
+        if job is None:
+            return None
+        changed = job.running_at is None or (placement_group and placement_group != job.placement_group)
+        if job.running_at is None:
+            job.running_at = int(now)
+        if placement_group:
+            job.placement_group = placement_group
+        if changed:
+            self._changed()
+        return job
+
+    def overdue(self, now: int) -> list[Job]:
+        """Active runs whose training workers did not come up within `start_timeout_s` of the start."""
+        limit = self.config.start_timeout_ms
+        return [j for j in self.active.values()
+                if j.running_at is None and not j.finalizing and j.started_at is not None
+                and now - j.started_at >= limit]
 
     def begin_finalize(self, job_id: str, run_id: str | None = None) -> bool:
         """May this job register its result? True once, only while it is active (not cancelled) and
@@ -483,9 +523,13 @@ class QueueState:
         }
 
     @classmethod
-    def restore(cls, data: dict[str, Any] | None, config: QueueConfig | None = None) -> QueueState:
+    def restore(cls, data: dict[str, Any] | None, config: QueueConfig | None = None, *,
+                keep_active: bool = False) -> QueueState:
         """Rebuild from `snapshot()`. Jobs that were active go back to the head of the queue (their
-        work died with the process that owned it); that interrupted attempt is not counted."""
+        work died with the process that owned it); that interrupted attempt is not counted.
+
+        keep_active=True: they stay active with their run id (`restored` + 1), for a shell whose runs
+        can outlive it; it adopts each or reports it lost (`fail`)."""
         state = cls(config)
         if not data:
             return state
@@ -499,6 +543,12 @@ class QueueState:
             state.queued[job.job_id] = job
         interrupted = sorted((Job.from_dict(raw) for raw in data.get("active", [])),
                              key=lambda j: j.started_at or 0)
+        if keep_active:
+            for job in interrupted:
+                job.status = ACTIVE
+                job.restored += 1
+                state.active[job.job_id] = job
+            interrupted = []
         head = min([j.seq for j in state.queued.values()], default=state._seq + 1)
         for offset, job in enumerate(reversed(interrupted), start=1):
             job.status = QUEUED

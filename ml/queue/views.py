@@ -51,6 +51,7 @@ def job_view(job: Job, now: int, *, position: int | None = None) -> dict[str, An
     if job.status == ACTIVE and job.started_at is not None:
         out["duration"] = max(0, now - job.started_at)
         out["finalizing"] = job.finalizing
+        out["runningAt"] = job.running_at  # when its training workers came up (None: still starting)
     if job.finished_at is not None and job.started_at is not None:
         out["duration"] = max(0, job.finished_at - job.started_at)
     if job.progress is not None:

@@ -540,3 +540,49 @@ def test_tbml_train_bad_input_exits_2_without_touching_a_cluster(capsys):
     assert "model type" in capsys.readouterr().err
     assert main(["train", "--pair", "BTC", "--bars", "500"]) == 2
     assert "--local only" in capsys.readouterr().err
+
+
+def test_restore_keep_active_adopts_the_run_or_fails_it_by_the_retry_rule():
+    cfg = QueueConfig(max_concurrent=2, retry_base_s=10, max_attempts=2)
+    q = QueueState(cfg)
+    a, b = submit(q, "ADA").job.job_id, submit(q, "ADB").job.job_id
+    run_next(q, T0)
+    q.note_running(a, T0 + 5, placement_group="ab12")
+    q.begin_finalize(b, q.get(b).run_id)  # b was registering when the old process died
+    runs = {j: q.get(j).run_id for j in (a, b)}
+    snap = json.loads(json.dumps(q.snapshot()))
+
+    r = QueueState.restore(snap, cfg, keep_active=True)
+    assert set(r.active) == {a, b} and not r.queued
+    ra = r.get(a)
+    assert ra.status == ACTIVE and ra.run_id == runs[a] and ra.restored == 1 and ra.attempts == 1
+    assert ra.placement_group == "ab12" and ra.running_at == T0 + 5  # what to release if it is lost
+    assert r.get(b).finalizing and r.begin_finalize(b, runs[b]) is False  # registers exactly once
+    # adopted: the run's own reports and result still count
+    assert r.progress(a, {"epoch": 2, "total": 5}, T0 + 50, run_id=runs[a]) is not None
+    assert r.succeed(b, {"version": "v1"}, T0 + 60).status == COMPLETED
+    # lost: the usual rule (the attempt counts, backoff, priority + 2)
+    lost = r.fail(a, "run lost", T0 + 100)
+    assert lost.status == QUEUED and lost.attempts == 1 and lost.not_before == T0 + 100 + 10_000
+    assert lost.priority == 7 and lost.errors[-1]["error"] == "run lost"
+    again = r.start(a, T0 + 100 + 10_000)
+    assert again.run_id != runs[a] and again.placement_group is None and again.running_at is None
+    # the default restore still puts them back at the head of the queue
+    plain = QueueState.restore(snap, cfg)
+    assert not plain.active and plain.get(a).status == QUEUED and plain.get(a).attempts == 0
+
+
+def test_a_run_whose_workers_never_come_up_is_overdue():
+    q = make(start_timeout_s=60)
+    a = submit(q, "STA").job.job_id
+    run_next(q, T0)
+    run_id = q.get(a).run_id
+    assert q.overdue(T0 + 59_999) == []
+    assert [j.job_id for j in q.overdue(T0 + 60_000)] == [a]
+    rev = q.revision
+    assert q.note_running(a, T0 + 30_000, run_id="stale") is None  # another run's report: ignored
+    assert q.note_running(a, T0 + 30_000, run_id=run_id, placement_group="cd34").placement_group == "cd34"
+    assert q.revision > rev  # persisted: a restarted shell must know what to release
+    assert q.overdue(T0 + 10 * MIN) == []
+    with pytest.raises(ValueError):
+        QueueConfig(start_timeout_s=0)
