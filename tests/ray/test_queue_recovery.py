@@ -237,3 +237,31 @@ def test_sigkill_of_a_ray_train_worker_resumes_from_the_last_checkpoint(make_que
     assert [v["version"] for v in versions(ray_cluster, "RWK")] == [done["result"]["version"]]
     assert done["progress"]["epoch"] == EPOCHS and killed_at < EPOCHS
     assert_nothing_left(name, pgs_before)
+
+
+def test_a_run_that_cannot_get_its_cpus_times_out_and_retries(make_queue, ray_cluster):
+    """The operator's case: CPUs held by something else. The run never waits forever: its attempt
+    fails after start_timeout_s and is retried by the rule; once the CPUs are back, nothing of the
+    timed-out runs grabs them (their pending placement groups are gone) and the next job runs."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    q, name = make_queue(start_timeout_s=3, cancel_grace_s=5, max_attempts=2, cpus_per_worker=1)
+    total = ray.cluster_resources()["CPU"]
+    blocker = placement_group([{"CPU": total - 0.5}])  # leaves 0.5 CPU: the run's 1-CPU worker cannot start
+    ray.get(blocker.ready(), timeout=60)
+    pgs_before = live_placement_groups()
+    try:
+        stuck = submit(q, "RST", 2)
+        done = wait_done(q, stuck, timeout=180)
+        assert done["status"] == "failed" and done["attempts"] == 2, done
+        assert all("start-up timeout" in e["error"] for e in done["errors"]), done["errors"]
+        wait_for(lambda: not run_supervisors(name), 60, what="the timed-out runs' supervisors to exit")
+    finally:
+        remove_placement_group(blocker)
+    # the CPUs are free again and nothing of the timed-out runs takes them: a job (on a queue with
+    # the default start-up timeout; 3 s is shorter than a normal run's start) gets them
+    q2, name2 = make_queue()
+    ok = submit(q2, "RSU", 2)
+    assert wait_done(q2, ok)["status"] == "completed"
+    assert_nothing_left(name, pgs_before - {blocker.id.hex()})
