@@ -16,6 +16,14 @@ from ml.queue import requests as rq
 from ml.storage import retention as rt
 
 
+def _integral(value: Any) -> Any:
+    """2.0 is an integer in JSON (and in the document's JSON Schema): read it as 2. Nothing else is
+    converted (a bool or a string stays what it is and is refused by strict mode)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -46,6 +54,9 @@ class TrainBody(_Body):
     priority: int = Field(rq.DEFAULT_PRIORITY, ge=rq.PRIORITY_MIN, le=rq.PRIORITY_MAX, description="1 runs first")
     maxAttempts: int | None = Field(None, ge=rq.MAX_ATTEMPTS_MIN, le=rq.MAX_ATTEMPTS_MAX)
     horizon: int | None = Field(None, ge=rq.HORIZON_MIN, le=rq.HORIZON_MAX, description="bars ahead")
+
+    _integral_ints = field_validator("epochs", "batchSize", "priority", "maxAttempts", "horizon",
+                                     mode="before")(_integral)
 
 
 class PromoteBody(_Body):

@@ -100,6 +100,7 @@ def test_other_bodies_are_strict_too():
         with pytest.raises(ValidationError):
             model.model_validate(body)
     assert TrainBody.model_validate({"epochs": 5, "learningRate": 1}).learningRate == 1.0  # int for a float
+    assert TrainBody.model_validate({"epochs": 5.0}).epochs == 5  # an integral number is a JSON integer
 
 
 def test_options_and_405_list_every_method_of_the_path():
