@@ -179,8 +179,28 @@ def submit_and_follow(queue, request: TrainRequest, *, wait: bool = True, out: T
           flush=True)
     if not wait:
         return EXIT_OK
-    code, job = follow(lambda: ray.get(queue.job.remote(job_id)), out=out, poll_s=poll_s, timeout_s=timeout_s)
+    code, job = follow(lambda: _job_surviving_restarts(queue, job_id, out), out=out, poll_s=poll_s,
+                       timeout_s=timeout_s)
     return code
+
+
+RESTART_WAIT_S = 120.0  # how long a follower waits for a restarting queue actor before giving up
+
+
+def _job_surviving_restarts(queue, job_id: str, out: TextIO) -> dict[str, Any] | None:
+    """The job's view; while the queue actor restarts (it keeps its jobs and adopts its runs), wait
+    for it instead of failing the follower."""
+    import ray
+
+    deadline = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            return ray.get(queue.job.remote(job_id), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            print(f"queue actor unavailable ({type(exc).__name__}); waiting for its restart", file=out, flush=True)
+            time.sleep(1.0)
 
 
 def run(args: argparse.Namespace, *, wait: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
