@@ -1,11 +1,12 @@
 """`tbml backtest`: walk-forward evaluation of a model against its baselines.
 
-    tbml backtest (--file F [--format auto|ohlcv|binance] | --pair P [--data-dir D]) [--bars N]
+    tbml backtest (--file F [--format auto|ohlcv|binance] | --pair P [--data-dir D]) [--timeframe TF] [--bars N]
                   [--model M] [--horizon H] [--folds K] [--train-bars N] [--test-bars N] [--purge N]
                   [--epochs N] [--seed S] [--cost-bps C] [--json OUT|-] [--report DIR] [--no-progress]
 
---file reads and validates a candle file (rejected rows are reported on stderr and in the JSON);
---pair uses the candle store when it holds the pair, else the configured source (--bars, default
+--file reads and validates a candle file (rejected rows are reported on stderr and in the JSON) at
+the timeframe of its bars (the most common spacing; --timeframe insists, and a file spaced otherwise
+is refused); --pair uses the candle store when it holds the pair, else the configured source (--bars, default
 backtest.bars). Unset options come from the settings (configs/default.yaml, section backtest).
 Prints a summary table (unless --json -), writes the JSON report (strict JSON: NaN becomes null)
 and the Markdown/PNG report. A progress bar on stderr follows the fitted models when stderr is a
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli import UsageError
+from ml.config import TIMEFRAME_MS
 from ml.data.files import FORMATS
 
 if TYPE_CHECKING:
@@ -46,6 +48,8 @@ def register(subparsers) -> None:
     src.add_argument("--file", help="candle file (CSV/Parquet, generic OHLCV or Binance klines)")
     src.add_argument("--pair", help="base symbol, e.g. BTC: the candle store, else the configured source")
     p.add_argument("--format", choices=list(FORMATS), default="auto", help="--file format (default: auto)")
+    p.add_argument("--timeframe", choices=list(TIMEFRAME_MS), default=None,
+                   help="bar size (--file default: detected from the file; --pair default: settings)")
     p.add_argument("--bars", type=int, default=None,
                    help="newest candles to use (--pair default: backtest.bars; --file default: all)")
     p.add_argument("--data-dir", default=None, help="data directory (default: TBML_DATA_DIR / settings)")
@@ -131,7 +135,7 @@ def _report_target(value: str | None) -> Path | None:
 
 def _candles(args: argparse.Namespace, settings) -> tuple[pd.DataFrame, str, dict[str, Any]]:
     """(candles, where they came from, extra facts for the JSON's data block)."""
-    from ml.data.files import CandleFileError, import_file
+    from ml.data.files import CandleFileError, TimeframeMismatchError, load_candle_file
     from ml.data.sources import load_candles
     from ml.data.store import CandleStore, NoCandlesError
     from ml.pairs import InvalidPairError, validate_pair
@@ -143,9 +147,13 @@ def _candles(args: argparse.Namespace, settings) -> tuple[pd.DataFrame, str, dic
         if not path.is_file():
             raise UsageError(f"no such file: {path}")
         try:
-            result = import_file(path, args.format, settings.timeframe_ms)
+            loaded = load_candle_file(path, args.format, args.timeframe, default=settings.timeframe)
+        except TimeframeMismatchError as exc:
+            raise UsageError(f"{str(exc).splitlines()[0]} (--timeframe {args.timeframe}; "
+                             f"without it the file's spacing is used)") from None
         except CandleFileError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
+        result = loaded.result
         summary = result.summary()
         summary.pop("gapList", None)
         if result.candles.empty:
@@ -157,7 +165,7 @@ def _candles(args: argparse.Namespace, settings) -> tuple[pd.DataFrame, str, dic
         candles = result.candles
         if args.bars is not None:
             candles = candles.tail(args.bars).reset_index(drop=True)
-        extra = {"file": str(path), "import": {k: summary[k] for k in
+        extra = {"file": str(path), "timeframe": loaded.timeframe, "import": {k: summary[k] for k in
                                                ("imported", "rejected", "rejectedTotal", "duplicates",
                                                 "gaps", "missingBars")}}
         return candles, f"file {path}", extra
@@ -166,15 +174,18 @@ def _candles(args: argparse.Namespace, settings) -> tuple[pd.DataFrame, str, dic
     except InvalidPairError as exc:
         raise UsageError(str(exc)) from None
     bars = args.bars if args.bars is not None else settings.backtest.bars
-    store = CandleStore(Path(args.data_dir).expanduser() if args.data_dir else settings.data_dir,
-                        settings.timeframe)
+    timeframe = args.timeframe or settings.timeframe
+    if timeframe != settings.timeframe:
+        settings = settings.model_copy(update={"timeframe": timeframe})
+    store = CandleStore(Path(args.data_dir).expanduser() if args.data_dir else settings.data_dir, timeframe)
+    extra = {"pair": pair, "timeframe": timeframe}
     if store.exists(pair):
-        return store.tail(pair, bars), f"store {store.path(pair)}", {"pair": pair}
+        return store.tail(pair, bars), f"store {store.path(pair)}", extra
     try:
         candles = load_candles(pair, settings, bars=bars, store=store)
     except NoCandlesError as exc:
         raise UsageError(str(exc)) from None
-    return candles, f"{settings.data.source} source ({pair})", {"pair": pair}
+    return candles, f"{settings.data.source} source ({pair})", extra
 
 
 # ----------------------------------------------------------------------------------------- output

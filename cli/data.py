@@ -6,13 +6,15 @@
         stored candles, prints one JSON object per pair (one per line). With --out FILE the bars of
         the one pair given go to a CSV (ts,open,high,low,close,volume; importable by `data import`)
         written atomically, instead of the store.
-    tbml data import --pair P --file F [--format auto|ohlcv|binance] [--timeframe 5m] [--data-dir D]
-        Reads and validates the file, merges the valid bars into the store (existing bars are kept,
-        bars with new timestamps are added) and prints one JSON summary.
+    tbml data import --pair P --file F [--format auto|ohlcv|binance] [--timeframe 1h] [--data-dir D]
+        Reads and validates the file, merges the valid bars into the store under the timeframe of
+        the file's bars (the most common spacing; --timeframe insists, and a file spaced otherwise
+        is refused), existing bars kept and bars with new timestamps added, and prints one JSON
+        summary.
 
-Bad input (invalid pair, missing/empty/garbage file, a file whose bars do not match the timeframe,
-a file without a single valid row, several pairs with --out, an --out path that cannot be written,
-|--drift| > 10) exits 2 with one line on stderr.
+Bad input (invalid pair, missing/empty/garbage file, a file whose bars contradict --timeframe or
+are spaced by no known timeframe, a file without a single valid row, several pairs with --out, an
+--out path that cannot be written, |--drift| > 10) exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def register(subparsers) -> None:
     imp.add_argument("--pair", required=True, help="pair the file belongs to, e.g. BTC")
     imp.add_argument("--file", required=True, help="CSV or Parquet file")
     imp.add_argument("--format", choices=list(FORMATS), default="auto", help="file format (default: auto)")
-    imp.add_argument("--timeframe", choices=list(TIMEFRAME_MS), default=None, help="bar size (default: settings)")
+    imp.add_argument("--timeframe", choices=list(TIMEFRAME_MS), default=None,
+                     help="bar size (default: detected from the file's bar spacing)")
     imp.add_argument("--data-dir", default=None, help="data directory (default: TBML_DATA_DIR / settings)")
     imp.set_defaults(handler=cmd_import)
 
@@ -173,16 +176,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from ml.config import get_settings
-    from ml.data.files import CandleFileError, import_file_detailed
+    from ml.data.files import CandleFileError, TimeframeMismatchError, load_candle_file
+    from ml.data.store import CandleStore
 
     settings = get_settings()
     pair = _pair(args.pair)
-    store = _store(args, settings)
     path = Path(args.file)
     try:
-        result, used = import_file_detailed(path, args.format, store.timeframe_ms)
+        loaded = load_candle_file(path, args.format, args.timeframe, default=settings.timeframe)
+    except TimeframeMismatchError as exc:
+        raise UsageError(f"{exc} (--timeframe {args.timeframe}; without it the file's spacing is used)") from None
     except CandleFileError as exc:
         raise UsageError(str(exc)) from None
+    result, used = loaded.result, loaded.format
+    store = CandleStore(Path(args.data_dir) if args.data_dir else settings.data_dir, loaded.timeframe)
     summary = result.summary()
     gap_list = summary.pop("gapList")
     doc = {"pair": pair, "file": str(path), "format": used, "timeframe": store.timeframe, **summary}

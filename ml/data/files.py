@@ -16,6 +16,9 @@ Formats
   concatenation across the switch imports correctly.
 - ``auto``: Parquet by its magic bytes; a CSV whose first line is a header is ``ohlcv``; a first
   line of 12 numeric fields is ``binance``.
+
+Timeframe: `load_candle_file` reads a file at the timeframe of its own bars (`detect_timeframe`: the
+most common spacing, named as in ml.config.TIMEFRAME_MS), which is what the CLI's --file commands use.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from __future__ import annotations
 import codecs
 import csv
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ml.data.candles import CANDLE_COLUMNS, ValidationResult, infer_timeframe_ms, validate_candles
+from ml.config import TIMEFRAME_MS
+from ml.data.candles import CANDLE_COLUMNS, ValidationResult, find_gaps, infer_timeframe_ms, validate_candles
 
 FORMATS = ("auto", "ohlcv", "binance")
 TIME_COLUMNS = ("ts", "timestamp", "date", "open_time", "time", "datetime")
@@ -54,6 +59,10 @@ class CandleFileError(ValueError):
 
 class TimeframeMismatchError(CandleFileError):
     """The bars in a file are spaced differently from the timeframe they are imported as."""
+
+
+class UnknownTimeframeError(CandleFileError):
+    """The bars in a file are spaced by no timeframe of ml.config.TIMEFRAME_MS (e.g. 7 minutes)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +330,64 @@ def import_file_detailed(path: str | Path, fmt: str = "auto",
                 f"{path}: bars are {_fmt_ms(spacing)} apart but the timeframe is {_fmt_ms(timeframe_ms)}"
             )
     return result, used
+
+
+# --------------------------------------------------------------------------------------------
+# Timeframes
+# --------------------------------------------------------------------------------------------
+
+def detect_timeframe(ts, timeframe: str | None = None, *, where: str = "candles") -> str | None:
+    """The timeframe name (a key of TIMEFRAME_MS) of candles with open times `ts` (epoch ms).
+
+    The spacing is the most common difference between consecutive bars, so gaps and a few odd
+    bars do not change it. A spacing that is no known timeframe raises UnknownTimeframeError; with
+    `timeframe` (the caller insists), a different spacing raises TimeframeMismatchError naming both.
+    Fewer than two bars have no spacing: the result is `timeframe` (None when not given).
+    """
+    if timeframe is not None and timeframe not in TIMEFRAME_MS:
+        raise CandleFileError(f"unknown timeframe {timeframe!r}; one of {', '.join(TIMEFRAME_MS)}")
+    spacing = infer_timeframe_ms(np.asarray(ts, dtype="int64"))
+    if spacing is None:
+        return timeframe
+    if timeframe is not None and spacing != TIMEFRAME_MS[timeframe]:
+        raise TimeframeMismatchError(
+            f"{where}: bars are {_fmt_ms(spacing)} apart but the timeframe is {timeframe}"
+        )
+    name = next((k for k, v in TIMEFRAME_MS.items() if v == spacing), None)
+    if name is None:
+        raise UnknownTimeframeError(
+            f"{where}: bars are {_fmt_ms(spacing)} apart, which is no known timeframe "
+            f"(one of {', '.join(TIMEFRAME_MS)})"
+        )
+    return name
+
+
+@dataclass
+class CandleFile:
+    """A validated candle file with the format read and the timeframe its bars are spaced by."""
+
+    result: ValidationResult
+    format: str
+    timeframe: str
+    detected: bool  # True when the timeframe comes from the bars' spacing, not a fallback
+
+
+def load_candle_file(path: str | Path, fmt: str = "auto", timeframe: str | None = None, *,
+                     default: str = "5m") -> CandleFile:
+    """Read and validate a candle file at the timeframe of its own bars (see detect_timeframe).
+
+    `timeframe` insists on one (a file spaced otherwise is refused); `default` is used only when
+    the file has fewer than two valid bars and so no spacing. Gaps are counted at that timeframe.
+    """
+    path = Path(path)
+    raw, used = _read(path, fmt)
+    result = validate_candles(raw, None)
+    ts = result.candles["ts"].to_numpy()
+    found = detect_timeframe(ts, timeframe, where=str(path))
+    detected = len(ts) >= 2
+    tf = found or default
+    result.gaps = find_gaps(ts, TIMEFRAME_MS[tf])
+    return CandleFile(result=result, format=used, timeframe=tf, detected=detected)
 
 
 def _fmt_ms(ms: int) -> str:

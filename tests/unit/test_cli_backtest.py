@@ -172,3 +172,40 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, drift_csv, short_csv,
     assert err.count("\n") == 1 and err.startswith("tbml: error: "), err
     assert needle in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "garbage.csv"]  # nothing written
+
+
+# ------------------------------------------------------------------------------------ timeframes
+
+H1 = 3_600_000
+
+
+@pytest.fixture(scope="module")
+def hourly_csv(tmp_path_factory) -> Path:
+    """1h candles (the settings default is 5m): the timeframe must come from the file itself."""
+    candles = generate_candles("EURX", 1_500, seed=314, end_ts=ORIGIN_TS + 4_000 * H1, timeframe_ms=H1)
+    path = tmp_path_factory.mktemp("hourly") / "eurusd_1h.csv"
+    candles.to_csv(path, index=False)
+    return path
+
+
+def test_hourly_file_backtests_without_a_timeframe_flag(capsys, hourly_csv):
+    code, out, err = run_main(capsys, "backtest", "--file", str(hourly_csv), "--folds", "2", "--epochs", "1",
+                              "--json", "-", "--no-progress")
+    assert code == 0, err
+    doc = strict_loads(out)
+    assert doc["data"]["timeframe"] == "1h" and doc["data"]["rows"] == 1_500
+    assert doc["data"]["end"] - doc["data"]["start"] == 1_499 * H1
+    assert doc["data"]["import"]["gaps"] == 0  # gaps are counted at the file's 1h, not the default 5m
+
+
+def test_timeframe_that_contradicts_the_file_is_refused_naming_both(capsys, hourly_csv, tmp_path):
+    code, out, err = run_main(capsys, "backtest", "--file", str(hourly_csv), "--timeframe", "5m",
+                              "--json", str(tmp_path / "bt.json"), "--no-progress")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("tbml: error: "), err
+    assert "1h apart but the timeframe is 5m" in err
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+    code, out, err = run_main(capsys, "backtest", "--file", str(hourly_csv), "--timeframe", "1h", "--folds", "2",
+                              "--epochs", "1", "--json", "-", "--no-progress")
+    assert code == 0, err
+    assert strict_loads(out)["data"]["timeframe"] == "1h"

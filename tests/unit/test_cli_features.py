@@ -70,3 +70,17 @@ def test_garbage_file_exits_2(tmp_path):
     bad.write_bytes(b"\x00\x01garbage\xff\n")
     r = _tbml("features", "--pair", "BTC", "--file", str(bad), env_extra={"TBML_DATA_DIR": str(tmp_path)})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_features_from_a_15m_file_need_no_timeframe_flag(tmp_path):
+    candles = generate_candles("ETH", 600, seed=9, end_ts=END, timeframe_ms=900_000)
+    path = tmp_path / "eth_15m.csv"
+    candles.to_csv(path, index=False)
+    env = {"TBML_DATA_DIR": str(tmp_path)}
+    r = _tbml("features", "--pair", "ETH", "--file", str(path), "--json", env_extra=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["timeframe"] == "15m" and out["asOf"] == int(candles["ts"].iloc[-1])
+    r = _tbml("features", "--pair", "ETH", "--file", str(path), "--timeframe", "1h", env_extra=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "15m apart but the timeframe is 1h" in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,12 +17,16 @@ import pytest
 from ml.data.files import (
     CandleFileError,
     TimeframeMismatchError,
+    UnknownTimeframeError,
     detect_format,
+    detect_timeframe,
     epoch_to_ms,
     import_file,
     import_file_detailed,
+    load_candle_file,
     read_candle_file,
 )
+from ml.data.store import CandleStore
 
 REPO = Path(__file__).resolve().parents[2]
 TF = 300_000
@@ -253,4 +258,67 @@ def test_cli_bad_file_exits_2_with_one_line(tmp_path, content, fmt):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tbml: error:"), proc.stderr
     assert proc.stdout == ""
+    assert not (tmp_path / "data" / "candles").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Timeframe detection (detect_timeframe / load_candle_file), shared by backtest, features, import
+# --------------------------------------------------------------------------------------------
+
+H1 = 3_600_000
+
+
+def test_detect_timeframe_picks_the_most_common_spacing():
+    # 5m bars with gaps of 10m and 1h, a 2m and a 3m step: 5m is still the most common spacing
+    steps = [TF] * 20 + [2 * TF] * 4 + [H1] * 3 + [120_000, 180_000]
+    ts = START + np.concatenate([[0], np.cumsum(steps)])
+    assert detect_timeframe(ts) == "5m"
+    assert detect_timeframe(ts, "5m") == "5m"
+    assert detect_timeframe(START + np.arange(30) * H1) == "1h"
+    assert detect_timeframe([START]) is None and detect_timeframe([START], "4h") == "4h"  # no spacing
+
+
+def test_detect_timeframe_refuses_unknown_and_contradicting_spacing():
+    seven = START + np.arange(30) * 420_000
+    with pytest.raises(UnknownTimeframeError, match="bars are 7m apart, which is no known timeframe"):
+        detect_timeframe(seven, where="x.csv")
+    with pytest.raises(TimeframeMismatchError, match="7m apart but the timeframe is 5m"):
+        detect_timeframe(seven, "5m")
+    with pytest.raises(TimeframeMismatchError, match="1h apart but the timeframe is 15m"):
+        detect_timeframe(START + np.arange(30) * H1, "15m")
+
+
+def test_load_candle_file_counts_gaps_at_the_detected_timeframe(tmp_path):
+    c = make_candles(n=40, tf=H1).drop(index=[10, 11, 25]).reset_index(drop=True)
+    path = binance_csv(c, tmp_path / "1h.csv")
+    loaded = load_candle_file(path)
+    assert loaded.timeframe == "1h" and loaded.detected and loaded.format == "binance"
+    assert [g.missing_bars for g in loaded.result.gaps] == [2, 1]
+    one = generic_csv(c.iloc[:1], tmp_path / "one.csv", "ts", [int(c["ts"].iloc[0])])
+    loaded = load_candle_file(one, default="30m")
+    assert loaded.timeframe == "30m" and not loaded.detected
+
+
+def test_cli_import_detects_1h_and_stores_it_under_1h(tmp_path):
+    c = make_candles(n=48, tf=H1)
+    path = generic_csv(c, tmp_path / "eurusd_1h.csv", "Date", [iso(t, 0) for t in c["ts"]])
+    proc = run_cli("data", "import", "--pair", "EUR", "--file", str(path), data_dir=tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["timeframe"] == "1h" and doc["imported"] == doc["stored"] == 48 and doc["gaps"] == 0
+    assert doc["path"] == str(tmp_path / "data" / "candles" / "EUR" / "1h.parquet")
+    assert CandleStore(tmp_path / "data", "1h").read("EUR")["ts"].tolist() == c["ts"].tolist()
+    assert not CandleStore(tmp_path / "data", "5m").exists("EUR")
+
+
+@pytest.mark.parametrize("tf, extra, needle", [
+    (H1, ["--timeframe", "5m"], "1h apart but the timeframe is 5m"),
+    (420_000, [], "bars are 7m apart, which is no known timeframe"),
+])
+def test_cli_import_refuses_a_wrong_or_unknown_timeframe(tmp_path, tf, extra, needle):
+    path = binance_csv(make_candles(n=30, tf=tf), tmp_path / "k.csv")
+    proc = run_cli("data", "import", "--pair", "EUR", "--file", str(path), *extra, data_dir=tmp_path / "data")
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tbml: error:") and needle in lines[0], proc.stderr
     assert not (tmp_path / "data" / "candles").exists()
