@@ -1,4 +1,4 @@
-"""`tbml data synth|import`: put candles in the candle store.
+"""`tbml data synth|import|fetch`: put candles in the candle store.
 
     tbml data synth --pairs BTC,ETH --bars N [--seed S] [--strength X] [--drift D] [--timeframe 5m]
                     [--data-dir D | --out FILE]
@@ -11,10 +11,16 @@
         the file's bars (the most common spacing; --timeframe insists, and a file spaced otherwise
         is refused), existing bars kept and bars with new timestamps added, and prints one JSON
         summary.
+    tbml data fetch --pair BTC[,ETH] [--exchange binance] [--timeframe 1h] [--bars N | --since DATE]
+                    [--data-dir D]
+        Backfills the store from a crypto exchange through ccxt (`ml.data.exchange`; data.exchange in
+        the config): the closed candles the store lacks, validated like an import, merged atomically;
+        a progress bar on a terminal; one JSON summary per pair (the keys of an import's summary).
 
 Bad input (invalid pair, missing/empty/garbage file, a file whose bars contradict --timeframe or
 are spaced by no known timeframe, a file without a single valid row, several pairs with --out, an
---out path that cannot be written, |--drift| > 10) exits 2 with one line on stderr.
+--out path that cannot be written, |--drift| > 10; for fetch: an unknown exchange or symbol, a bad
+date, --bars with --since) exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -61,6 +67,18 @@ def register(subparsers) -> None:
                      help="bar size (default: detected from the file's bar spacing)")
     imp.add_argument("--data-dir", default=None, help="data directory (default: TBML_DATA_DIR / settings)")
     imp.set_defaults(handler=cmd_import)
+
+    fetch = sub.add_parser("fetch", help="backfill the candle store from a crypto exchange (ccxt)")
+    fetch.add_argument("--pair", required=True, help="comma-separated pairs, e.g. BTC,ETH (BTC = BTC/<quote>)")
+    fetch.add_argument("--exchange", default=None, help="ccxt exchange id (default: data.exchange.id)")
+    fetch.add_argument("--timeframe", choices=list(TIMEFRAME_MS), default=None, help="bar size (default: settings)")
+    span = fetch.add_mutually_exclusive_group()
+    span.add_argument("--bars", type=int, default=None,
+                      help="closed candles to hold per pair (default: data.exchange.history_bars)")
+    span.add_argument("--since", default=None, metavar="DATE",
+                      help="every candle from this UTC date/time on (ISO-8601, e.g. 2025-01-01)")
+    fetch.add_argument("--data-dir", default=None, help="data directory (default: TBML_DATA_DIR / settings)")
+    fetch.set_defaults(handler=cmd_fetch)
 
 
 def _pair(value: str) -> str:
@@ -200,4 +218,84 @@ def cmd_import(args: argparse.Namespace) -> int:
     cov = store.coverage(pair) or {}
     _print({**doc, "added": added, "stored": cov.get("bars", 0), "storedStart": cov.get("start"),
             "storedEnd": cov.get("end"), "path": str(store.path(pair)), "gapList": gap_list})
+    return 0
+
+
+def _since_ms(value: str) -> int:
+    """--since as epoch ms: an ISO-8601 date or date-time, UTC unless it says otherwise."""
+    import pandas as pd
+
+    text = value.strip()
+    try:
+        when = pd.Timestamp(text)
+    except (ValueError, TypeError, OverflowError):
+        when = None
+    if when is None or pd.isna(when) or not text:
+        raise UsageError(f"--since {value!r}: not a date; use ISO-8601, e.g. 2025-01-01 or 2025-01-01T12:00")
+    try:
+        when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+        return int(when.value // 1_000_000)
+    except (OverflowError, ValueError):
+        raise UsageError(f"--since {value!r}: out of range") from None
+
+
+class _FetchProgress:
+    """tqdm on stderr (only on a terminal): candles received against the span asked for."""
+
+    def __init__(self, pair: str, total: int, enabled: bool) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"fetch {pair}", unit="bar", file=sys.stderr, disable=not enabled,
+                        dynamic_ncols=True, leave=False)
+
+    def __call__(self, kept: int, _reached_ts: int) -> None:
+        self.bar.update(kept)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    import sys
+
+    from ml.clock import last_closed_bar_ts
+    from ml.config import get_settings
+    from ml.data.exchange import ExchangeClient, ExchangeInputError, ensure_exchange_history
+
+    settings = get_settings()
+    pairs = [p for p in (s.strip() for s in args.pair.split(",")) if p]
+    if not pairs:
+        raise UsageError("--pair needs at least one pair, e.g. BTC or BTC,ETH")
+    pairs = [_pair(p) for p in dict.fromkeys(pairs)]
+    if args.bars is not None and args.bars < 1:
+        raise UsageError(f"--bars must be at least 1, got {args.bars}")
+    since = _since_ms(args.since) if args.since is not None else None
+    store = _store(args, settings)
+    try:
+        client = ExchangeClient.from_settings(settings, **({"exchange_id": args.exchange} if args.exchange else {}))
+    except ExchangeInputError as exc:
+        raise UsageError(str(exc)) from None
+    tf = store.timeframe_ms
+    with client:
+        end = last_closed_bar_ts(tf, client._clock())
+        if since is not None and since > end:
+            raise UsageError(f"--since {args.since}: after the last closed {store.timeframe} bar")
+        for pair in pairs:
+            cov = store.coverage(pair) or {}
+            want = (end - since) // tf + 1 if since is not None else (args.bars or settings.data.exchange.history_bars)
+            progress = _FetchProgress(pair, max(want - int(cov.get("bars") or 0), 0), sys.stderr.isatty())
+            try:
+                report = ensure_exchange_history(pair, settings, store, client=client, bars=args.bars,
+                                                 since_ts=since, on_page=progress)
+            except ExchangeInputError as exc:
+                raise UsageError(str(exc)) from None
+            finally:
+                progress.close()
+            cov = store.coverage(pair) or {}
+            doc = report.summary()
+            gap_list = doc.pop("gapList")
+            _print({**doc, "stored": cov.get("bars", 0), "storedStart": cov.get("start"),
+                    "storedEnd": cov.get("end"), "path": str(store.path(pair)), "gapList": gap_list})
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -45,16 +45,47 @@ class CoreSettings(_Section):
     backoff_s: float = Field(0.5, ge=0)
 
 
+class ExchangeSettings(_Section):
+    """Candles from a crypto exchange through ccxt (`data.source: exchange`, `tbml data fetch`; docs/data.md)."""
+
+    id: str = Field("binance", pattern=r"^[a-z0-9_]+$", description="a ccxt exchange id")
+    quote: str = Field("USDT", pattern=PAIR_PATTERN, description="quote currency: pair BTC is BTC/USDT")
+    market_type: Literal["spot", "swap"] = "spot"
+    base_url: str | None = Field(None, description="scheme://host[:port] replacing the exchange's REST host "
+                                 "in every ccxt URL (mirrors, proxies, testnets); the paths stay the exchange's")
+    history_bars: int = Field(20000, ge=1, description="closed candles kept in the store per pair")
+    page_limit: int = Field(1000, ge=1, le=10000, description="candles asked for per request")
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    max_backoff_s: float = Field(60.0, ge=0)
+    max_retry_after_s: float = Field(300.0, ge=0, description="longest Retry-After honoured")
+
+    @field_validator("base_url")
+    @classmethod
+    def _host_only(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return v
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
+                or parts.query or parts.fragment:
+            raise ValueError(f"base_url {v!r} must be http(s)://host[:port], without a path")
+        return f"{parts.scheme}://{parts.netloc}"
+
+
 class DataSettings(_Section):
     source: str = "synthetic"
     synthetic: SyntheticSettings = SyntheticSettings()
     core: CoreSettings = CoreSettings()
+    exchange: ExchangeSettings = ExchangeSettings()
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v not in {"synthetic", "files", "core"}:
-            raise ValueError(f"unknown data source {v!r} (synthetic, files or core)")
+        if v not in {"synthetic", "files", "core", "exchange"}:
+            raise ValueError(f"unknown data source {v!r} (synthetic, files, core or exchange)")
         return v
 
 

@@ -3,6 +3,8 @@
 - `synthetic`: generated on demand (deterministic per pair and seed; `ml.data.synthetic`).
 - `files`: what `tbml data import` put in the candle store.
 - `core`: fetched from trading-bot-core and validated; rejected rows are logged with their reasons.
+- `exchange`: a crypto exchange through ccxt (`ml.data.exchange`): the store is brought up to the last
+  closed bar (only the missing bars are fetched, validated, rejections logged) and read like `files`.
 
 `ensure_synthetic_history` keeps the store's synthetic candles up to the last closed bar; the
 streaming service calls it on every new bar and it appends only the bars that are new.
@@ -57,7 +59,8 @@ def load_candles(pair: str, settings=None, *, bars: int | None = None,
     """Validated candles of `pair` from the configured source; the newest `bars` if given.
 
     Raises InvalidPairError for a bad pair, NoCandlesError (files) when nothing was imported,
-    and the CoreError family (core) when core cannot deliver.
+    the CoreError family (core) when core cannot deliver, and the ExchangeSourceError family
+    (exchange) when the exchange cannot (ExchangeInputError for an unknown exchange or symbol).
     """
     validate_pair(pair)
     if bars is not None and bars < 1:
@@ -81,6 +84,11 @@ def load_candles(pair: str, settings=None, *, bars: int | None = None,
                         pair, s["rejectedTotal"], s["rejected"], s["gaps"], s["missingBars"])
         candles = result.candles
         return candles.iloc[-bars:].reset_index(drop=True) if bars else candles
+    if source == "exchange":
+        from ml.data.exchange import exchange_candles
+
+        store = store or CandleStore(settings.data_dir, settings.timeframe)
+        return exchange_candles(pair, settings, bars=bars, store=store)
     raise ValueError(f"unknown data source {source!r}")
 
 
