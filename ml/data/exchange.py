@@ -201,7 +201,7 @@ class ExchangeClient:
     # -- ccxt hooks --------------------------------------------------------------------------
     def _narrow_market_types(self, ex) -> None:
         """Load only the markets of `market_type` where the exchange lets ccxt choose (fetchMarkets types)."""
-        wanted = [self.market_type] if self.market_type == "spot" else ["swap", "linear", "inverse"]
+        wanted = [self.market_type] if self.market_type == "spot" else ["swap", "linear"]  # settled in the quote
         opt = ex.options.get("fetchMarkets")
         types = opt.get("types") if isinstance(opt, dict) else opt if isinstance(opt, list) else None
         if isinstance(types, list):

@@ -398,3 +398,18 @@ def test_cli_fetch_bad_input_exits_2_with_one_line(cli_env, capsys, tmp_path, ar
     assert code == 2, (out, err)
     assert out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "data" / "candles").exists()
+
+
+def test_cli_fetch_as_a_process_unknown_symbol_exits_2(cli_env, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TBML_DATA_DIR": str(tmp_path / "data"), "TBML_DATA__EXCHANGE__BASE_URL": cli_env.url}
+    proc = subprocess.run([sys.executable, "-m", "cli", "data", "fetch", "--pair", "ZZZ", "--timeframe", "1m"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["tbml: error: binance has no spot market ZZZ/USDT"]
+    assert cli_env.hits["/api/v3/exchangeInfo"] == 1 and cli_env.hits["/api/v3/klines"] == 0
