@@ -394,8 +394,8 @@ def ensure_exchange_history(pair: str, settings=None, store: CandleStore | None 
     """Make the store hold the pair's closed candles from the exchange; returns what was fetched.
 
     The target is `bars` (default `data.exchange.history_bars`) bars up to the last closed bar, or every
-    bar from `since_ts` on. Only what the store lacks is fetched: the bars before its first one and
-    after its last one. Valid rows are merged into the store (`CandleStore.append`, atomic writes) in
+    bar from `since_ts` on. Only what the store lacks within that span is fetched: the bars before its
+    first one and after its last one (a store older than the span keeps a gap up to the span). Valid rows are merged into the store (`CandleStore.append`, atomic writes) in
     chunks of FLUSH_ROWS, so an interrupted long backfill keeps what it had.
     """
     pair = validate_pair(pair)
@@ -448,7 +448,7 @@ def ensure_exchange_history(pair: str, settings=None, store: CandleStore | None 
         if cov is None or not cov["bars"]:
             run(desired_start, end)
         else:
-            run(cov["end"] + tf, end)
+            run(max(cov["end"] + tf, desired_start), end)  # a store far behind is not filled further back
             if desired_start < cov["start"]:
                 run(desired_start, cov["start"] - tf)
         if since_ts is None:  # gaps in the exchange's history: reach further back until the target is stored

@@ -245,6 +245,14 @@ def test_backfill_pages_through_history_and_never_stores_the_open_candle(tmp_pat
     assert store.coverage("BTC")["end"] == LAST_CLOSED + 5 * TF
     assert store.coverage("BTC")["bars"] == 255
 
+    # much later: only the span asked for is fetched, not every bar since the store's end
+    fake.t += 10_000 * TF
+    stand_in.kline_queries.clear()
+    with _client(stand_in, fake) as client:
+        report = ensure_exchange_history("BTC", settings, store, client=client, bars=150)
+    assert report.added == 150 and len(stand_in.kline_queries) == 2
+    assert store.coverage("BTC")["end"] == LAST_CLOSED + 10_005 * TF
+
 
 def test_history_before_the_store_is_fetched_backwards(tmp_path, stand_in):
     fake = FakeTime()
