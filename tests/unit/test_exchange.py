@@ -127,7 +127,7 @@ class StandIn:
         q = dict(urllib.parse.parse_qsl(url.query))
         with self.lock:
             self.hits[url.path] += 1
-            fault = self.faults.pop(0) if url.path == "/api/v3/klines" and self.faults else None
+            fault = self.faults.pop(0) if url.path.endswith("/klines") and self.faults else None
         if url.path == "/api/v3/exchangeInfo":
             return self._send(h, 200, {
                 "timezone": "UTC", "serverTime": int(self.now()),
@@ -138,7 +138,27 @@ class StandIn:
                 "exchangeFilters": [],
                 "symbols": [_symbol_info(s, b, qt) for s, (b, qt) in SYMBOLS.items()],
             })
-        if url.path == "/api/v3/klines":
+        if url.path == "/fapi/v1/exchangeInfo":  # USDT-margined futures: one perpetual
+            return self._send(h, 200, {
+                "timezone": "UTC", "serverTime": int(self.now()), "rateLimits": [], "exchangeFilters": [],
+                "symbols": [{
+                    "symbol": "BTCUSDT", "pair": "BTCUSDT", "contractType": "PERPETUAL",
+                    "deliveryDate": 4133404800000, "onboardDate": 1569398400000, "status": "TRADING",
+                    "maintMarginPercent": "2.5000", "requiredMarginPercent": "5.0000", "baseAsset": "BTC",
+                    "quoteAsset": "USDT", "marginAsset": "USDT", "pricePrecision": 2, "quantityPrecision": 3,
+                    "baseAssetPrecision": 8, "quotePrecision": 8, "underlyingType": "COIN",
+                    "settlePlan": 0, "triggerProtect": "0.0500",
+                    "filters": [
+                        {"minPrice": "556.80", "maxPrice": "4529764", "filterType": "PRICE_FILTER",
+                         "tickSize": "0.10"},
+                        {"stepSize": "0.001", "filterType": "LOT_SIZE", "maxQty": "1000", "minQty": "0.001"},
+                        {"limit": 200, "filterType": "MAX_NUM_ORDERS"},
+                        {"multiplierDown": "0.9500", "multiplierUp": "1.0500", "multiplierDecimal": "4",
+                         "filterType": "PERCENT_PRICE"}],
+                    "orderTypes": ["LIMIT", "MARKET", "STOP"], "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
+                }],
+            })
+        if url.path in ("/api/v3/klines", "/fapi/v1/klines"):
             with self.lock:
                 self.kline_queries.append(q)
             if fault is not None:
@@ -252,6 +272,18 @@ def test_backfill_pages_through_history_and_never_stores_the_open_candle(tmp_pat
         report = ensure_exchange_history("BTC", settings, store, client=client, bars=150)
     assert report.added == 150 and len(stand_in.kline_queries) == 2
     assert store.coverage("BTC")["end"] == LAST_CLOSED + 10_005 * TF
+
+
+def test_swap_markets_only_the_perpetual_is_loaded(tmp_path, stand_in):
+    fake = FakeTime()
+    settings = _settings(tmp_path)
+    store = CandleStore(settings.data_dir, "1m")
+    with _client(stand_in, fake, market_type="swap") as client:
+        assert client.symbol("BTC") == "BTC/USDT:USDT"
+        report = ensure_exchange_history("BTC", settings, store, client=client, bars=120)
+    assert report.added == 120 and stand_in.hits["/fapi/v1/klines"] == 2
+    assert stand_in.hits["/api/v3/exchangeInfo"] == 0 and stand_in.hits["/dapi/v1/exchangeInfo"] == 0
+    assert stand_in.hits["/api/v3/klines"] == 0
 
 
 def test_history_before_the_store_is_fetched_backwards(tmp_path, stand_in):
