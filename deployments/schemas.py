@@ -260,6 +260,8 @@ class HealthResponse(_Out):
     training: dict[str, Any]
     performance: dict[str, Any]
     storage: dict[str, Any]
+    supervisor: dict[str, Any] | None = Field(None, description="restarts and the last failure seen by a "
+                                              "foreground `tbml up` (docs/operations.md)")
 
 
 class PingResponse(_Out):

@@ -51,6 +51,7 @@ def storage_with_files(st: dict) -> dict:
     files = st.get("files") or []
     storage["files"] = files[:FILES_LISTED]
     storage["filesTruncated"] = bool(st.get("filesTruncated")) or len(files) > FILES_LISTED
+    storage["retention"] = st.get("retention")
     return storage
 
 

@@ -267,10 +267,11 @@ def test_params_canonical_pair_and_model_types():
     with pytest.raises(ApiError) as err:
         params.pair("../x")
     assert err.value.status == 404 and err.value.extra["availablePairs"] == ["BTC", "ETH", "SOL"]
-    assert params.model_query(None) == "lstm" and params.model_query("GRU") == "gru"
-    with pytest.raises(ApiError) as err:
-        params.model_query("xgb")
-    assert err.value.status == 422
+    assert params.model_query(None) == "lstm" and params.model_query("gru") == "gru"
+    for bad in ("xgb", "GRU", ""):  # exactly an enabled type: the enum the OpenAPI document lists
+        with pytest.raises(ApiError) as err:
+            params.model_query(bad)
+        assert err.value.status == 422
     with pytest.raises(ApiError) as err:
         params.model_path("xgb" * 20)
     assert err.value.status == 404 and "..." in err.value.message
