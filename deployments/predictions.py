@@ -22,7 +22,7 @@ from deployments.errors import ApiError
 from ml.clock import now_ms
 from ml.serving.memo import ReplicaMemo
 from ml.serving.model_ids import model_id
-from ml.serving.prediction import failure_cause, fallback_prediction
+from ml.serving.prediction import failure_cause, fallback_prediction, with_data_lag
 from ml.serving.snapshot import PairSnapshot, Snapshots
 from ml.serving.views import features_block
 
@@ -60,7 +60,13 @@ class Predictions:
 
     async def predict(self, pair: str, model_type: str, horizon: int | None, bypass: bool
                       ) -> tuple[dict[str, Any], Any]:
-        """(prediction, cache hit or None) for one pair; raises ApiError only for bad input."""
+        """(prediction, cache hit or None) for one pair; raises ApiError only for bad input. A model
+        answer on candles older than data.max_lag_bars says `stale: true`, `reason: "data"`."""
+        pred, hit = await self._predict(pair, model_type, horizon, bypass)
+        return with_data_lag(pred, now_ms(), self.tf, self.settings.data.max_lag_bars), hit
+
+    async def _predict(self, pair: str, model_type: str, horizon: int | None, bypass: bool
+                       ) -> tuple[dict[str, Any], Any]:
         from ml.cache.keys import CacheKind, cache_key
 
         snap = await self.snapshots.get(pair)

@@ -80,6 +80,8 @@ class DataSettings(_Section):
     synthetic: SyntheticSettings = SyntheticSettings()
     core: CoreSettings = CoreSettings()
     exchange: ExchangeSettings = ExchangeSettings()
+    # a prediction whose newest candle closed more than this many bars ago is stale (reason "data"); 0: off
+    max_lag_bars: int = Field(2, ge=0)
 
     @field_validator("source")
     @classmethod

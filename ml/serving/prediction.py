@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ml.serving.signals import Signal, neutral
+from ml.serving.signals import Signal, data_is_stale, neutral
 
 # A few well-known features shown with every prediction (the rest: GET /api/features/{pair}).
 SAMPLE_FEATURES = ("rsi_14", "macd_hist", "bb_pct_b", "stoch_k", "adx_14", "vol_ratio_20",
@@ -88,6 +88,15 @@ def fallback_prediction(*, model_type: str, version: str | None, horizon: int, r
     }
 
 
+def with_data_lag(pred: dict[str, Any], now_ms: int, timeframe_ms: int, max_lag_bars: int) -> dict[str, Any]:
+    """A model answer on candles older than `max_lag_bars` bars, as a copy with `stale: true` and
+    `reason: "data"` (applied when answering, so a cached answer ages too); else `pred` itself.
+    Fallbacks keep their own reason."""
+    if pred.get("fallback") or not data_is_stale(pred.get("asOf"), now_ms, timeframe_ms, max_lag_bars):
+        return pred
+    return {**pred, "stale": True, "reason": "data"}
+
+
 def failure_cause(exc: BaseException) -> str:
     """`Type: last line` of an exception (a Ray error's cause, not its traceback), for a reason field."""
     cause = getattr(exc, "cause", None) or exc
@@ -109,4 +118,4 @@ def prediction_body(pair: str, pred: dict[str, Any], hit: Any, elapsed_s: float,
 
 
 __all__ = ["SAMPLE_FEATURES", "failure_cause", "fallback_prediction", "feature_sample", "finite_or_none",
-           "model_prediction", "prediction_body", "round_ms"]
+           "model_prediction", "prediction_body", "round_ms", "with_data_lag"]

@@ -100,6 +100,14 @@ def neutral() -> Signal:
     return Signal(direction=NEUTRAL, probability=0.5, confidence=0.0, signal=HOLD)
 
 
+def data_is_stale(as_of_ms: int | None, now_ms: int | float, timeframe_ms: int, max_lag_bars: int) -> bool:
+    """True when the newest candle (closed at `as_of_ms`) is more than `max_lag_bars` bars old: a
+    store nobody refreshes must not pass for current data. 0 bars: off; no candles: not this rule."""
+    if as_of_ms is None or max_lag_bars <= 0:
+        return False
+    return (float(now_ms) - float(as_of_ms)) > max_lag_bars * timeframe_ms
+
+
 def is_stale(trained_at_ms: int | float | None, now_ms: int | float, expire_hours: float) -> bool:
     """True when a model trained at `trained_at_ms` is older than `expire_hours` (unknown age: stale)."""
     if trained_at_ms is None or isinstance(trained_at_ms, bool):
