@@ -120,9 +120,9 @@ def test_import_generic_csv_in_process(tmp_path, capsys):
     doc = json.loads(out)
     assert doc["format"] == "ohlcv" and doc["imported"] == 12 and doc["timeframe"] == "1h"
     assert CandleStore(tmp_path / "d", "1h").coverage("ETH")["bars"] == 12
-    # the same hourly file is not 5m data
+    # the same hourly file is not 5m data: insisting on 5m is refused, naming both timeframes
     code, out, err = run_main(capsys, "data", "import", "--pair", "ETH", "--file", str(path),
-                              "--data-dir", str(tmp_path / "d"))
+                              "--timeframe", "5m", "--data-dir", str(tmp_path / "d"))
     assert code == 2 and "1h apart but the timeframe is 5m" in err and len(err.strip().splitlines()) == 1
 
 
