@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -29,6 +28,7 @@ import pandas as pd
 
 from ml.data.candles import CANDLE_COLUMNS, empty_candles
 from ml.data.files import epoch_to_ms
+from ml.data.retry_after import parse_retry_after
 from ml.pairs import validate_pair
 
 HISTORY_KEYS = ("closes", "highs", "lows", "volumes", "timestamps")
@@ -137,24 +137,6 @@ class CoreClient:
     def fetch_candles(self, pair: str) -> pd.DataFrame:
         """Raw (unvalidated) candles of a pair, oldest first as core sends them."""
         return history_to_candles(self.fetch_pair(pair), pair)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
 
 
 def history_to_candles(body: dict[str, Any], pair: str = "?") -> pd.DataFrame:

@@ -28,7 +28,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +38,7 @@ from ml.clock import last_closed_bar_ts
 from ml.clock import now_ms as wall_now_ms
 from ml.config import TIMEFRAME_MS
 from ml.data.candles import CANDLE_COLUMNS, REJECT_REASONS, empty_candles, find_gaps, validate_candles
+from ml.data.retry_after import parse_retry_after
 from ml.data.store import CandleStore
 from ml.pairs import validate_pair
 
@@ -97,24 +97,6 @@ def rewrite_hosts(urls: Any, base_url: str) -> Any:
     if isinstance(urls, list):
         return [rewrite_hosts(v, base_url) for v in urls]
     return urls
-
-
-def parse_retry_after(value: str | None, now_ms: int) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date against `now_ms`); None when absent or unreadable."""
-    if not value:
-        return None
-    value = str(value).strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(when.timestamp() - now_ms / 1000.0, 0.0)
 
 
 class ExchangeClient:
