@@ -135,7 +135,7 @@ def _report_target(value: str | None) -> Path | None:
 
 def _candles(args: argparse.Namespace, settings) -> tuple[pd.DataFrame, str, dict[str, Any]]:
     """(candles, where they came from, extra facts for the JSON's data block)."""
-    from ml.data.files import CandleFileError, TimeframeMismatchError, load_candle_file
+    from cli.files import load_file
     from ml.data.sources import load_candles
     from ml.data.store import CandleStore, NoCandlesError
     from ml.pairs import InvalidPairError, validate_pair
@@ -146,13 +146,7 @@ def _candles(args: argparse.Namespace, settings) -> tuple[pd.DataFrame, str, dic
         path = Path(args.file).expanduser()
         if not path.is_file():
             raise UsageError(f"no such file: {path}")
-        try:
-            loaded = load_candle_file(path, args.format, args.timeframe, default=settings.timeframe)
-        except TimeframeMismatchError as exc:
-            raise UsageError(f"{str(exc).splitlines()[0]} (--timeframe {args.timeframe}; "
-                             f"without it the file's spacing is used)") from None
-        except CandleFileError as exc:
-            raise UsageError(str(exc).splitlines()[0]) from None
+        loaded = load_file(path, args.format, args.timeframe, default=settings.timeframe)
         result = loaded.result
         summary = result.summary()
         summary.pop("gapList", None)

@@ -193,19 +193,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from cli.files import load_file
     from ml.config import get_settings
-    from ml.data.files import CandleFileError, TimeframeMismatchError, load_candle_file
     from ml.data.store import CandleStore
 
     settings = get_settings()
     pair = _pair(args.pair)
     path = Path(args.file)
-    try:
-        loaded = load_candle_file(path, args.format, args.timeframe, default=settings.timeframe)
-    except TimeframeMismatchError as exc:
-        raise UsageError(f"{exc} (--timeframe {args.timeframe}; without it the file's spacing is used)") from None
-    except CandleFileError as exc:
-        raise UsageError(str(exc)) from None
+    loaded = load_file(path, args.format, args.timeframe, default=settings.timeframe)
     result, used = loaded.result, loaded.format
     store = CandleStore(Path(args.data_dir) if args.data_dir else settings.data_dir, loaded.timeframe)
     summary = result.summary()

@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _candles(args: argparse.Namespace):
     from cli import UsageError
+    from cli.files import load_file
     from ml.config import get_settings
-    from ml.data.files import CandleFileError, TimeframeMismatchError, load_candle_file
     from ml.data.sources import load_candles
     from ml.data.store import CandleStore
     from ml.pairs import InvalidPairError, validate_pair
@@ -46,12 +46,7 @@ def _candles(args: argparse.Namespace):
         path = Path(args.file)
         if not path.is_file():
             raise UsageError(f"no such file: {path}")
-        try:
-            loaded = load_candle_file(path, args.format, args.timeframe, default=settings.timeframe)
-        except TimeframeMismatchError as exc:
-            raise UsageError(f"{exc} (--timeframe {args.timeframe}; without it the file's spacing is used)") from None
-        except CandleFileError as exc:
-            raise UsageError(str(exc)) from None
+        loaded = load_file(path, args.format, args.timeframe, default=settings.timeframe)
         return loaded.result.candles.tail(args.bars).reset_index(drop=True), f"file {path}", loaded.timeframe
     timeframe = args.timeframe or settings.timeframe
     if timeframe != settings.timeframe:
