@@ -1,0 +1,1 @@
+"""Stand-ins for services outside this machine, speaking their own paths and payloads."""
