@@ -23,7 +23,7 @@ ENV_ALIASES = {
     "TBML_API_TOKEN": ("api", "token"),
     "TBML_NAMESPACE": ("namespace",),
 }
-TIMEFRAME_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
+TIMEFRAME_MS = {"1s": 1_000, "1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
                 "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
 
 
@@ -75,11 +75,21 @@ class ExchangeSettings(_Section):
         return f"{parts.scheme}://{parts.netloc}"
 
 
+class FeedSettings(_Section):
+    """The market feed of a running service (`ml.data.feed`, docs/data.md)."""
+
+    close_delay_s: float = Field(1.0, ge=0, description="after a candle closes, wait this long before "
+                                 "fetching it (an exchange prints a closed candle a moment later)")
+    retry_s: float = Field(5.0, gt=0, description="while a pair is behind or its last fetch failed, "
+                           "try again this often")
+
+
 class DataSettings(_Section):
     source: str = "synthetic"
     synthetic: SyntheticSettings = SyntheticSettings()
     core: CoreSettings = CoreSettings()
     exchange: ExchangeSettings = ExchangeSettings()
+    feed: FeedSettings = FeedSettings()
     # a prediction whose newest candle closed more than this many bars ago is stale (reason "data"); 0: off
     max_lag_bars: int = Field(2, ge=0)
 
@@ -190,6 +200,14 @@ class LiveSettings(_Section):
     retrain_priority: int = Field(3, ge=1, le=10)
 
 
+class StreamSettings(_Section):
+    """The prediction stream `GET /api/stream/predictions` (server-sent events; docs/api.md)."""
+
+    heartbeat_s: float = Field(15.0, gt=0, description="a comment line this often while no event is sent")
+    buffer_events: int = Field(5000, ge=1, description="newest events kept in memory for live delivery")
+    replay_limit: int = Field(1000, ge=1, description="most events replayed per pair after Last-Event-ID")
+
+
 class CacheSettings(_Section):
     predictions_ttl_s: float = 30
     features_ttl_s: float = 300
@@ -238,6 +256,7 @@ class Settings(_Section):
     backtest: BacktestSettings = BacktestSettings()
     live: LiveSettings = LiveSettings()
     cache: CacheSettings = CacheSettings()
+    stream: StreamSettings = StreamSettings()
     redis: RedisSettings = RedisSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     api: ApiSettings = ApiSettings()

@@ -1,22 +1,17 @@
 """The exchange source (ml.data.exchange) and `tbml data fetch`, against a stand-in Binance over real HTTP.
 
-The stand-in is an http.server on 127.0.0.1 (a free port) that answers Binance's public REST paths
-with Binance's payload shapes: GET /api/v3/exchangeInfo (symbols with their filters) and
-GET /api/v3/klines (12-element arrays, prices as strings; startTime/endTime/limit as Binance applies
-them), 404 for anything else. ccxt's real HTTP client talks to it through `base_url`. It counts its
-hits, can be told to fail the next kline requests (429 with Retry-After, 503), and to serve garbage
-rows at chosen timestamps. The clock and the sleep are injected: nothing waits for real.
+The stand-in (`standins.binance`) is an http.server on 127.0.0.1 that answers Binance's public REST
+paths with Binance's payload shapes; ccxt's real HTTP client talks to it through `base_url`. It counts
+its hits, can be told to fail the next kline requests (429 with Retry-After, 503), and to serve
+garbage rows at chosen timestamps. The clock and the sleep are injected: nothing waits for real.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import urllib.parse
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from standins.binance import StandIn, kline
 
 from cli import main
 from ml.config import get_settings, load_settings
@@ -37,145 +32,6 @@ TF = 60_000  # 1m
 NOW = 1_764_000_030_000  # 30 s into a minute: the bar opened at NOW - 30 s is still open
 OPEN_BAR = (NOW // TF) * TF
 LAST_CLOSED = OPEN_BAR - TF
-SYMBOLS = {"BTCUSDT": ("BTC", "USDT"), "ETHUSDT": ("ETH", "USDT"), "ETHBTC": ("ETH", "BTC")}
-
-
-def _symbol_info(symbol: str, base: str, quote: str) -> dict:
-    """One entry of exchangeInfo's `symbols`, as Binance returns it."""
-    return {
-        "symbol": symbol, "status": "TRADING", "baseAsset": base, "baseAssetPrecision": 8,
-        "quoteAsset": quote, "quotePrecision": 8, "quoteAssetPrecision": 8, "baseCommissionPrecision": 8,
-        "quoteCommissionPrecision": 8,
-        "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET", "STOP_LOSS_LIMIT", "TAKE_PROFIT_LIMIT"],
-        "icebergAllowed": True, "ocoAllowed": True, "otoAllowed": True, "quoteOrderQtyMarketAllowed": True,
-        "allowTrailingStop": True, "cancelReplaceAllowed": True, "isSpotTradingAllowed": True,
-        "isMarginTradingAllowed": True,
-        "filters": [
-            {"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000",
-             "tickSize": "0.01000000"},
-            {"filterType": "LOT_SIZE", "minQty": "0.00001000", "maxQty": "9000.00000000", "stepSize": "0.00001000"},
-            {"filterType": "ICEBERG_PARTS", "limit": 10},
-            {"filterType": "MARKET_LOT_SIZE", "minQty": "0.00000000", "maxQty": "100.0", "stepSize": "0.00000000"},
-            {"filterType": "TRAILING_DELTA", "minTrailingAboveDelta": 10, "maxTrailingAboveDelta": 2000,
-             "minTrailingBelowDelta": 10, "maxTrailingBelowDelta": 2000},
-            {"filterType": "PERCENT_PRICE_BY_SIDE", "bidMultiplierUp": "5", "bidMultiplierDown": "0.2",
-             "askMultiplierUp": "5", "askMultiplierDown": "0.2", "avgPriceMins": 5},
-            {"filterType": "NOTIONAL", "minNotional": "5.00000000", "applyMinToMarket": True,
-             "maxNotional": "9000000.00000000", "applyMaxToMarket": False, "avgPriceMins": 5},
-            {"filterType": "MAX_NUM_ORDERS", "maxNumOrders": 200},
-            {"filterType": "MAX_NUM_ALGO_ORDERS", "maxNumAlgoOrders": 5},
-        ],
-        "permissions": [], "permissionSets": [["SPOT", "MARGIN"]],
-        "defaultSelfTradePreventionMode": "EXPIRE_MAKER",
-        "allowedSelfTradePreventionModes": ["EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
-    }
-
-
-def kline(ts: int) -> list:
-    """A deterministic, valid Binance kline for the bar opening at ts."""
-    i = ts // TF
-    o = 60_000 + (i % 97) * 3.0
-    c = o + ((i % 7) - 3) * 1.5
-    hi, lo = max(o, c) + 2.0, min(o, c) - 2.0
-    return [ts, f"{o:.2f}", f"{hi:.2f}", f"{lo:.2f}", f"{c:.2f}", f"{10 + i % 13:.5f}", ts + TF - 1,
-            f"{(10 + i % 13) * c:.4f}", 100 + i % 50, "4.00000", f"{4 * c:.4f}", "0"]
-
-
-class StandIn:
-    """A stand-in Binance: real HTTP on a free loopback port, state for the tests to steer and read."""
-
-    def __init__(self, now=lambda: NOW, listed_from: int = 0) -> None:
-        self.now = now
-        self.listed_from = listed_from
-        self.hits: Counter = Counter()
-        self.kline_queries: list[dict] = []
-        self.faults: list[tuple[int, dict, str]] = []  # answers for the next kline requests
-        self.garbage: dict[int, list] = {}  # ts -> the row served instead of the valid one
-        self.lock = threading.Lock()
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def do_GET(self):
-                stand_in.handle(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    @staticmethod
-    def _send(h, status: int, body, headers: dict | None = None) -> None:
-        raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        h.send_response(status)
-        ctype = "text/html" if isinstance(body, str) else "application/json;charset=UTF-8"
-        h.send_header("Content-Type", ctype)
-        h.send_header("Content-Length", str(len(raw)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(raw)
-
-    def handle(self, h) -> None:
-        url = urllib.parse.urlsplit(h.path)
-        q = dict(urllib.parse.parse_qsl(url.query))
-        with self.lock:
-            self.hits[url.path] += 1
-            fault = self.faults.pop(0) if url.path.endswith("/klines") and self.faults else None
-        if url.path == "/api/v3/exchangeInfo":
-            return self._send(h, 200, {
-                "timezone": "UTC", "serverTime": int(self.now()),
-                "rateLimits": [
-                    {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
-                    {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
-                    {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000}],
-                "exchangeFilters": [],
-                "symbols": [_symbol_info(s, b, qt) for s, (b, qt) in SYMBOLS.items()],
-            })
-        if url.path == "/fapi/v1/exchangeInfo":  # USDT-margined futures: one perpetual
-            return self._send(h, 200, {
-                "timezone": "UTC", "serverTime": int(self.now()), "rateLimits": [], "exchangeFilters": [],
-                "symbols": [{
-                    "symbol": "BTCUSDT", "pair": "BTCUSDT", "contractType": "PERPETUAL",
-                    "deliveryDate": 4133404800000, "onboardDate": 1569398400000, "status": "TRADING",
-                    "maintMarginPercent": "2.5000", "requiredMarginPercent": "5.0000", "baseAsset": "BTC",
-                    "quoteAsset": "USDT", "marginAsset": "USDT", "pricePrecision": 2, "quantityPrecision": 3,
-                    "baseAssetPrecision": 8, "quotePrecision": 8, "underlyingType": "COIN",
-                    "settlePlan": 0, "triggerProtect": "0.0500",
-                    "filters": [
-                        {"minPrice": "556.80", "maxPrice": "4529764", "filterType": "PRICE_FILTER",
-                         "tickSize": "0.10"},
-                        {"stepSize": "0.001", "filterType": "LOT_SIZE", "maxQty": "1000", "minQty": "0.001"},
-                        {"limit": 200, "filterType": "MAX_NUM_ORDERS"},
-                        {"multiplierDown": "0.9500", "multiplierUp": "1.0500", "multiplierDecimal": "4",
-                         "filterType": "PERCENT_PRICE"}],
-                    "orderTypes": ["LIMIT", "MARKET", "STOP"], "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
-                }],
-            })
-        if url.path in ("/api/v3/klines", "/fapi/v1/klines"):
-            with self.lock:
-                self.kline_queries.append(q)
-            if fault is not None:
-                status, headers, body = fault
-                return self._send(h, status, body, headers)
-            if q.get("symbol") not in SYMBOLS:
-                return self._send(h, 400, {"code": -1121, "msg": "Invalid symbol."})
-            if q.get("interval") != "1m":
-                return self._send(h, 400, {"code": -1120, "msg": "Invalid interval."})
-            limit = min(int(q.get("limit", 500)), 1000)
-            open_bar = (int(self.now()) // TF) * TF
-            start = max(int(q.get("startTime", open_bar - (limit - 1) * TF)), self.listed_from)
-            first = -(-start // TF) * TF
-            last = min(int(q.get("endTime", open_bar)), open_bar)
-            rows = [self.garbage.get(t) or kline(t) for t in range(first, last + 1, TF)][:limit]
-            return self._send(h, 200, rows)
-        return self._send(h, 404, "<html><body>Not Found</body></html>")
 
 
 class FakeTime:
@@ -195,7 +51,7 @@ class FakeTime:
 
 @pytest.fixture
 def stand_in():
-    s = StandIn()
+    s = StandIn(now=lambda: NOW)
     yield s
     s.close()
 
@@ -331,7 +187,7 @@ def test_failures_beyond_the_retries_end_in_unavailable(tmp_path, stand_in):
 
 
 def test_a_404_is_refused_not_retried(tmp_path):
-    stand_in = StandIn()
+    stand_in = StandIn(now=lambda: NOW)
     try:
         fake = FakeTime()
         client = ExchangeClient("binance", base_url=stand_in.url, clock=fake.clock, sleep=fake.sleep)
