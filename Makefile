@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup test test-unit test-ray test-e2e bench chaos run stop lint format clean
+.PHONY: setup redis-server test test-unit test-ray test-e2e bench chaos run stop lint format clean
 
 setup: $(VENV)/.installed redis-server
 
@@ -33,25 +33,25 @@ redis-server:
 		exit 1; \
 	fi
 
-test:
+test: setup
 	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q --timeout=900
 
-test-unit:
+test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit
 
-test-ray:
+test-ray: setup
 	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q tests/ray
 
-test-e2e:
+test-e2e: setup
 	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q tests/e2e
 
-bench:
+bench: setup
 	RAY_AUTH_MODE=disabled $(PY) -m bench.run $(BENCH_ARGS)
 
-chaos:
+chaos: setup
 	RAY_AUTH_MODE=disabled $(PY) -m bench.chaos $(CHAOS_ARGS)
 
-run:
+run: setup
 	$(VENV)/bin/tbml up
 
 stop:
