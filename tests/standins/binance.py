@@ -188,6 +188,7 @@ class StandIn:
             start = max(int(q.get("startTime", newest - (limit - 1) * tf)), self.listed_from)
             first = -(-start // tf) * tf
             last = min(int(q.get("endTime", newest)), newest)
-            rows = [self.garbage.get(t) or kline(t, tf) for t in range(first, last + 1, tf)][:limit]
+            last = min(last, first + (limit - 1) * tf)  # one page's rows built, not all up to `newest`
+            rows = [self.garbage.get(t) or kline(t, tf) for t in range(first, last + 1, tf)]
             return self._send(h, 200, rows)
         return self._send(h, 404, "<html><body>Not Found</body></html>")
