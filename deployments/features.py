@@ -1,7 +1,8 @@
 """The feature deployment: the latest window of a pair's feature matrix, for serving.
 
 `window(pair, candle_ts, rows)` reads the newest candles up to the bar that opens at `candle_ts`
-(the candle store on the shared volume; with `data.source: core` the core service, live), computes
+from the candle store on the shared volume, for every data source (the market feed, `actors.feed`,
+keeps it current: synthetic, exchange and core candles are appended there as they close), computes
 `ml.features.latest_window` in a worker thread (the event loop stays free) and returns the
 JSON-able window of `ml.features.encode_window`.
 
@@ -80,10 +81,6 @@ class FeaturesImpl:
         return encode_window(frame, pair=pair, bars=len(candles), feature_hash=feature_names_hash())
 
     def _candles(self, pair: str, n: int, candle_ts: int | None):
-        if self.settings.data.source == "core":
-            from ml.data.sources import load_candles
-
-            return load_candles(pair, self.settings, bars=n)
         if candle_ts is None:
             return self.store.tail(pair, n)
         # Read a little beyond n so that a candle appended after the caller's snapshot is cut off

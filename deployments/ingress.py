@@ -31,7 +31,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from starlette.responses import Response
 
-from deployments import errors, http, openapi
+from deployments import errors, http, openapi, page
 from deployments.args import AppArgs
 from deployments.clients import ActorClients
 from deployments.errors import JSON, ApiError
@@ -68,6 +68,7 @@ from deployments.schemas import (
     VersionsResponse,
 )
 from deployments.status import StatusReports
+from deployments.stream import STREAM_DOC, EventStream, PredictionStream, stream_responses
 from ml.clock import now_ms
 from ml.evaluation.live import accuracy_summary, reference_rate, with_outcomes
 from ml.serving import views
@@ -155,7 +156,7 @@ class IngressImpl:
             else 30
         self.params = Params(s, self.store, self.model_types, self.default_model)
         self.snapshots = Snapshots(self.store, self.reader, self.model_types, self.tf,
-                                   live_source=s.data.source == "core", interval_s=self.args.snapshot_interval_s,
+                                   live_source=s.data.source != "files", interval_s=self.args.snapshot_interval_s,
                                    default_horizons=list(s.labels.horizons))
         self.actors = ActorClients(self.args, self.namespace, str(self.reader.data_dir))
         self.predictions_ = Predictions(s, direct(predictor, self.args.handle_grpc),
@@ -173,6 +174,12 @@ class IngressImpl:
                                     snapshots=self.snapshots, predictions=self.predictions_, history=self.history_,
                                     model_types=self.model_types, tag=replica_tag(), namespace=self.namespace,
                                     version=app.version)
+        self.stream_ = PredictionStream(self)
+        self._attach_task = None
+        with contextlib.suppress(Exception):  # no running loop: the hub's default app name applies
+            app_name = serve.get_replica_context().app_name
+            self._attach_task = asyncio.get_running_loop().create_task(
+                self.actors.attach_events(app_name, create=False))  # the feed creates the hub
 
     def _served(self, pair: str, pred: dict[str, Any], hit: Any, ts: int, *, fallbacks: bool = True) -> None:
         self.predictions_.count(pred, fallbacks=fallbacks)
@@ -186,11 +193,17 @@ class IngressImpl:
     async def _records(self, pair: str, limit: int, since: int | None) -> list[dict]:
         """Stored history of a pair, with realized outcomes."""
         records = await self.actors.storage_call("query_predictions", pair, limit, since)
-        read = None if self.settings.data.source == "core" else \
-            (lambda first, last: self.store.read(pair, start_ts=first, end_ts=last))
+        def read(first: int, last: int):  # the candle store, for every source (the feed keeps it)
+            return self.store.read(pair, start_ts=first, end_ts=last)
+
         return await asyncio.to_thread(with_outcomes, records, self.tf, now_ms(), read)
 
     # ================================================================================ predictions
+
+    @app.get("/", include_in_schema=False)
+    async def status_page(self) -> Response:
+        """The status page (deployments/page.py): signals, charts, live accuracy, the queue."""
+        return page.status_page()
 
     @app.get("/api/ping", response_model=PingResponse, tags=["health"],
              summary="No-op: touches nothing (the latency anchor)")
@@ -282,6 +295,23 @@ class IngressImpl:
                for pair, snap in zip(pairs, snaps, strict=True)]
         return JSON({"pairs": out, "count": len(out), "timeframe": self.settings.timeframe,
                      "source": self.settings.data.source, "timestamp": now})
+
+    # ================================================================================ stream
+
+    async def on_candle_close(self, closes: dict[str, int], first_id: int) -> list[dict[str, Any]]:
+        """Called by the prediction events hub (a handle method, not a route): compute and cache the
+        predictions of the closed candles, record them, return their events (`deployments.stream`)."""
+        return await self.stream_.on_close(closes, first_id)
+
+    @app.get("/api/stream/predictions", response_class=EventStream,
+             responses={**stream_responses(), **E422, **E503},
+             tags=["predictions"], summary="Server-sent events: each prediction made when a candle closes")
+    async def stream_predictions(self, request: Request,
+                                 pairs: str | None = Query(None, max_length=2000, description=STREAM_DOC['pairs']),
+                                 lastEventId: str | None = Query(None, max_length=40,
+                                                                 description=STREAM_DOC['lastEventId'])) -> EventStream:
+        wanted, last = self.stream_.parse(pairs, request.headers.get("last-event-id"), lastEventId)
+        return await self.stream_.open(wanted, last)
 
     # ================================================================================ health, status
 

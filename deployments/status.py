@@ -1,6 +1,7 @@
 """The two composite reads of the ingress: service health (`GET /api/health`) and the status of a
 pair's models (`GET /api/models/{pair}/status`). Each gathers storage, the cache, the training
-queue and the snapshots concurrently; a part that fails is reported, never the whole answer.
+queue, the market feed (health's `dataSource`: lag and last errors per pair) and the snapshots
+concurrently; a part that fails is reported, never the whole answer.
 """
 
 from __future__ import annotations
@@ -81,16 +82,24 @@ class StatusReports:
                 return dict(views.supervisor_view(None), error=failure_cause(exc))
             return views.supervisor_view(doc)
 
-        redis_ok, storage, queue, stats, counters, snaps, supervised = await asyncio.gather(
+        async def feed_state() -> tuple[dict | None, str | None]:
+            try:  # the feed's per-pair view (last attempts, errors); short: health must answer anyway
+                return await self.actors.feed_call("status", timeout=min(2.0, quick)), None
+            except ApiError as exc:
+                return None, exc.message
+
+        redis_ok, storage, queue, stats, counters, snaps, supervised, (feed, feed_error) = await asyncio.gather(
             self.cache.ping(), storage_state(), queue_state(), storage_stats(), self.cache.counters(),
-            asyncio.gather(*(self.snapshots.get(p) for p in pairs)), supervisor())
+            asyncio.gather(*(self.snapshots.get(p) for p in pairs)), supervisor(), feed_state())
         redis = dict(self.cache.status(), status="healthy" if redis_ok else "degraded")
+        now = now_ms()
         data_source = views.data_source_view(pairs, snaps, source=s.data.source, timeframe=s.timeframe,
-                                             timeframe_ms=s.timeframe_ms)
-        status = views.health_status(storage, redis_ok, queue, data_source["pairsWithoutData"])
+                                             timeframe_ms=s.timeframe_ms, now=now,
+                                             max_lag_bars=s.data.max_lag_bars, feed=feed, feed_error=feed_error)
+        status = views.health_status(storage, redis_ok, queue, data_source["pairsWithoutData"],
+                                     data_source["status"] != "healthy")
         if status == "healthy" and supervised["gaveUp"]:
             status = "degraded"  # a piece stays down: the supervisor stopped restarting it
-        now = now_ms()
         served = self.predictions
         return views.health_body(
             status=status, service=SERVICE, version=self.version, now=now,

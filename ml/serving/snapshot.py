@@ -1,6 +1,7 @@
 """What the request path knows about a pair, re-read at most every `interval_s` per replica: the open
-time of the last closed candle (candle store coverage; the clock with a live source) and the
-production version of every model type (pointer + metadata on the shared volume, through
+time of the newest candle in the candle store (coverage, for every data source: the market feed keeps
+the store current, so a source that stops delivering shows as old candles, never as the wall clock)
+and the production version of every model type (pointer + metadata on the shared volume, through
 `ml.registry.production`). No actor call, no Redis.
 """
 
@@ -13,7 +14,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ml.clock import last_closed_bar_ts
 from ml.registry.production import Production, production_from
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class Snapshots:
     """Per-pair snapshots, one read in flight per pair (worker thread), shared by concurrent requests.
 
     `store` is an `ml.data.store.CandleStore`, `reader` a read-only `ml.storage.store.Storage`.
+    `live_source` says whether the market feed keeps the store current (every source but `files`);
+    it is shown in the coverage (`live`), the candles are the store's either way.
     """
 
     def __init__(self, store: Any, reader: Any, model_types: list[str], timeframe_ms: int, *,
@@ -71,16 +73,14 @@ class Snapshots:
         """Candle coverage and production versions of one pair (blocking: run in a worker thread)."""
         coverage = None
         candle_ts = None
-        if self.live_source:
-            candle_ts = last_closed_bar_ts(self.tf)
-            coverage = {"bars": None, "start": None, "end": candle_ts, "live": True}
-        else:
-            try:
-                coverage = self.store.coverage(pair)
-            except Exception as exc:  # noqa: BLE001 - unreadable file: treated as no data
-                log.warning("coverage of %s failed: %s", pair, exc)
-            if coverage and coverage.get("bars"):
-                candle_ts = int(coverage["end"])
+        try:
+            coverage = self.store.coverage(pair)
+        except Exception as exc:  # noqa: BLE001 - unreadable file: treated as no data
+            log.warning("coverage of %s failed: %s", pair, exc)
+        if coverage and coverage.get("bars"):
+            candle_ts = int(coverage["end"])
+        if coverage is not None:
+            coverage = {**coverage, "live": self.live_source}
         production = {mt: self.production(pair, mt) for mt in self.model_types}
         return PairSnapshot(at=time.monotonic(), candle_ts=candle_ts, coverage=coverage, production=production)
 

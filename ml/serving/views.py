@@ -205,14 +205,42 @@ def features_block(payload: dict, last: Sequence[float], names: Sequence[str], *
 
 
 def data_source_view(pairs: Sequence[str], snaps: Sequence[Any], *, source: str, timeframe: str,
-                     timeframe_ms: int) -> dict:
-    """`components.dataSource` of the health answer: bars and last close per configured pair."""
-    data_pairs = {p: {"bars": sn.coverage.get("bars") if sn.coverage else 0,
-                      "lastClose": sn.candle_ts + timeframe_ms if sn.candle_ts is not None else None}
-                  for p, sn in zip(pairs, snaps, strict=True)}
-    missing = [p for p, sn in zip(pairs, snaps, strict=True) if sn.candle_ts is None]
-    return {"status": "healthy" if not missing else "degraded", "type": source, "timeframe": timeframe,
-            "pairs": data_pairs, "pairsWithoutData": missing}
+                     timeframe_ms: int, now: int | None = None, max_lag_bars: int = 0,
+                     feed: dict | None = None, feed_error: str | None = None) -> dict:
+    """`components.dataSource` of the health answer, per configured pair: source, bars, lastCandle (open
+    ts of the newest stored candle), lastClose, lagBars (bars closed since, at `now`), stale (lagBars >
+    max_lag_bars) and the market feed's last error. `feed` is the feed actor's status (None: not
+    reachable, `feed_error` says why; the lag then comes from the snapshots). `degraded` when a pair
+    has no candles, lags beyond max_lag_bars or its last fetch failed (with `core` or `exchange`: the
+    source's own reachability, as the feed saw it)."""
+    by_feed = (feed or {}).get("byPair") or {}
+    data_pairs: dict[str, dict] = {}
+    for p, sn in zip(pairs, snaps, strict=True):
+        last = sn.candle_ts
+        lag = None
+        if last is not None and now is not None:
+            lag = max(0, ((int(now) // timeframe_ms) * timeframe_ms - timeframe_ms - int(last)) // timeframe_ms)
+        entry = {"source": source, "bars": sn.coverage.get("bars") if sn.coverage else 0, "lastCandle": last,
+                 "lastClose": last + timeframe_ms if last is not None else None, "lagBars": lag,
+                 "stale": last is None or (max_lag_bars > 0 and lag is not None and lag > max_lag_bars),
+                 "lastError": None, "lastErrorAt": None, "lastSuccessAt": None, "failures": None}
+        fed = by_feed.get(p)
+        if fed:  # the feed's view: it is the store's writer and knows its last attempts
+            entry.update({k: fed.get(k) for k in ("lastError", "lastErrorAt", "lastSuccessAt", "failures")})
+        data_pairs[p] = entry
+    missing = [p for p, e in data_pairs.items() if e["lastCandle"] is None]
+    stale = [p for p, e in data_pairs.items() if e["stale"] and e["lastCandle"] is not None]
+    failing = [p for p, e in data_pairs.items() if e["failures"]]
+    feed_block = {"reachable": feed is not None, "error": None if feed is not None else feed_error}
+    if feed is not None:
+        feed_block.update({k: feed.get(k) for k in ("active", "ticks", "lastTick", "nextDueAt", "closeDelayS",
+                                                     "retryS")})
+    reachable = None  # core / exchange: what the feed's last attempts say
+    if source in ("core", "exchange") and feed is not None and by_feed:
+        reachable = not failing
+    return {"status": "healthy" if not (missing or stale or failing) else "degraded", "type": source,
+            "timeframe": timeframe, "maxLagBars": max_lag_bars, "pairs": data_pairs, "pairsWithoutData": missing,
+            "stalePairs": stale, "failingPairs": failing, "sourceReachable": reachable, "feed": feed_block}
 
 
 def models_loaded(pairs: Sequence[str], snaps: Sequence[Any], model_types: Sequence[str]) -> dict:
@@ -237,11 +265,13 @@ def supervisor_view(doc: dict | None) -> dict:
             "down": list(doc.get("down") or []), "updatedAt": doc.get("updatedAt")}
 
 
-def health_status(storage: dict, redis_ok: bool, queue: dict | None, pairs_without_data: Sequence[str]) -> str:
-    """unhealthy without storage; degraded without Redis, the training queue, or a pair's data."""
+def health_status(storage: dict, redis_ok: bool, queue: dict | None, pairs_without_data: Sequence[str],
+                  data_degraded: bool = False) -> str:
+    """unhealthy without storage; degraded without Redis, the training queue, or a pair's data, or when
+    the data source is degraded (a pair lags beyond data.max_lag_bars or its last fetch failed)."""
     if storage["status"] != "healthy":
         return "unhealthy"
-    if not redis_ok or queue is None or pairs_without_data:
+    if not redis_ok or queue is None or pairs_without_data or data_degraded:
         return "degraded"
     return "healthy"
 
