@@ -141,6 +141,11 @@ class PredictionResponse(_Out):
     responseTime: float = Field(description="ms spent in the service")
 
 
+class PredictionEvent(PredictionResponse):
+    """The `data:` of an event of GET /api/stream/predictions (`event: prediction`, `id:` its event id):
+    the body of GET /api/predictions/{pair} when the pair's candle closed."""
+
+
 class AllPredictionsResponse(_Out):
     predictions: dict[str, Prediction]
     count: int

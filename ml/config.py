@@ -206,6 +206,9 @@ class StreamSettings(_Section):
     heartbeat_s: float = Field(15.0, gt=0, description="a comment line this often while no event is sent")
     buffer_events: int = Field(5000, ge=1, description="newest events kept in memory for live delivery")
     replay_limit: int = Field(1000, ge=1, description="most events replayed per pair after Last-Event-ID")
+    max_duration_s: float = Field(50.0, gt=0, description="a stream ends cleanly after this long (below Serve's "
+                                  "http_options.request_timeout_s, which would cut it); the client reconnects")
+    reconnect_ms: int = Field(1000, ge=0, description="the `retry:` sent first: EventSource's reconnect delay")
 
 
 class CacheSettings(_Section):

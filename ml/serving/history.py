@@ -7,8 +7,11 @@ import uuid
 from typing import Any
 
 
-def history_record(pair: str, pred: dict[str, Any], cached: bool, ts: int) -> dict[str, Any]:
-    """A served prediction as stored: every answer counts, cached or not (`cached` says which)."""
+def history_record(pair: str, pred: dict[str, Any], cached: bool, ts: int, *, event_id: int | None = None,
+                   event_data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A served prediction as stored: every answer counts, cached or not (`cached` says which). A
+    prediction made when a candle closed carries its stream event (`eventId`, and `eventData`: the
+    body sent), so a reconnecting client is replayed exactly what it missed (`ml.serving.events`)."""
     rec = {
         "id": uuid.uuid4().hex,
         "requestId": f"{pair}_{ts}",
@@ -29,4 +32,7 @@ def history_record(pair: str, pred: dict[str, Any], cached: bool, ts: int) -> di
     }
     if pred.get("reason"):
         rec["reason"] = pred["reason"]
+    if event_id is not None:
+        rec["eventId"] = int(event_id)
+        rec["eventData"] = event_data
     return rec

@@ -1,0 +1,221 @@
+"""Predictions computed when a candle closes, and the server-sent-event stream of them (docs/api.md,
+docs/serving.md). The ingress holds one `PredictionStream`; its routes stay a few lines.
+
+- `on_close(closes, first_id)` (the ingress's `on_candle_close`, called by the events hub through a
+  deployment handle): per pair, the snapshot is re-read, the prediction of EVERY enabled model type
+  and EVERY horizon of its production version is computed and cached through the normal path
+  (`deployments.predictions`: one feature window, shared), the default model type's first horizon
+  is recorded in the history as a close event, and the events are returned to the hub.
+- `open(...)`: validates `pairs` and `Last-Event-ID` (422 before anything is streamed), then streams
+  `retry:`, the missed events (stored history + the hub's buffer, `ml.serving.events.replay`), and
+  the live ones from the hub's long poll, with a heartbeat comment while nothing happens. It ends
+  cleanly after `stream.max_duration_s`, before Serve's `request_timeout_s` would cut it mid-stream;
+  the client reconnects with Last-Event-ID and misses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import StreamingResponse
+
+from deployments.errors import ApiError, dumps
+from deployments.schemas import PredictionEvent
+from ml.clock import now_ms
+from ml.config import PAIR_PATTERN
+from ml.serving.events import (
+    event_ids,
+    history_events,
+    parse_event_id,
+    replay,
+    sse_comment,
+    sse_event,
+    sse_retry,
+)
+from ml.serving.history import history_record
+from ml.serving.prediction import failure_cause, prediction_body
+
+log = logging.getLogger(__name__)
+
+REPLAY_SCAN = 20_000      # newest history records per pair read for a replay
+REPLAY_SINCE_MS = 60_000  # records are stamped after their event id was given: read a minute earlier
+HUB_SLACK_S = 10.0        # a long poll's own timeout plus this bounds the call
+
+
+STREAM_DOC = {  # the OpenAPI text of the route
+    "200": "`text/event-stream`: first `retry: <ms>`, then per event `id: <event id>`, `event: prediction`, "
+           "`data: <PredictionEvent JSON>` (the body of GET /api/predictions/{pair}), one event per pair per "
+           "candle close; a `: heartbeat` comment while nothing happens (stream.heartbeat_s). Sent with "
+           "Last-Event-ID (header, or `lastEventId`), the missed events come first, from the stored history. "
+           "The stream ends after stream.max_duration_s with a comment; reconnect with the last id.",
+    "pairs": "comma-separated pairs to receive (default: every pair)",
+    "lastEventId": "the last event id received (EventSource sends it as the Last-Event-ID header, which wins)",
+}
+
+
+def stream_responses() -> dict[int | str, dict[str, Any]]:
+    """The 200 of the route as OpenAPI 3.2 describes a stream (`itemSchema`, one item per event; the
+    `data` line is JSON of the `PredictionEvent` schema)."""
+    data = PredictionEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    data.pop("$defs", None)
+    item = {"type": "object", "title": "PredictionEventMessage", "required": ["data"], "properties": {
+        "id": {"type": "string", "description": "the event id (decimal digits, increasing): send it back as "
+                                                "Last-Event-ID"},
+        "event": {"type": "string", "const": "prediction"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+        "retry": {"type": "integer", "description": "reconnect delay in ms (the first message)"},
+    }}
+    return {200: {"description": STREAM_DOC["200"], "content": {"text/event-stream": {"itemSchema": item}}}}
+
+
+class EventStream(StreamingResponse):
+    """`text/event-stream` (also the media type the OpenAPI document names)."""
+
+    media_type = "text/event-stream"
+
+
+class PredictionStream:
+    """`ingress` is the `IngressImpl` replica: its settings, params, snapshots, predictions, history
+    buffer and actor clients."""
+
+    def __init__(self, ingress: Any) -> None:
+        self.ing = ingress
+        self.settings = ingress.settings
+        self.stream = ingress.settings.stream
+
+    # ================================================================================ compute on close
+
+    async def on_close(self, closes: dict[str, int], first_id: int) -> list[dict[str, Any]]:
+        """The events of one close (id, pair, data = the body of GET /api/predictions/{pair})."""
+        import re
+
+        pattern = re.compile(PAIR_PATTERN)
+        ids = event_ids(first_id, closes)
+        pairs = [p for p in ids if isinstance(p, str) and pattern.fullmatch(p)]
+        results = await asyncio.gather(*(self._close_one(p, int(closes[p]), ids[p]) for p in pairs),
+                                       return_exceptions=True)
+        events = []
+        for pair, res in zip(pairs, results, strict=True):
+            if isinstance(res, BaseException):
+                log.warning("close of %s: %s", pair, failure_cause(res))
+            else:
+                events.append(res)
+        return events
+
+    async def _close_one(self, pair: str, candle_ts: int, event_id: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        ing = self.ing
+        snap = await ing.snapshots.get(pair, force=True)
+        if snap.candle_ts is None or snap.candle_ts < candle_ts:  # the feed's write is visible by now
+            await asyncio.sleep(0.2)
+            snap = await ing.snapshots.get(pair, force=True)
+        jobs = [(mt, h) for mt in ing.model_types
+                for h in ing.snapshots.horizons(snap.production.get(mt))]
+        results = await asyncio.gather(*(ing.predictions_.predict(pair, mt, h, False) for mt, h in jobs),
+                                       return_exceptions=True)
+        default = (ing.default_model, ing.snapshots.horizons(snap.production.get(ing.default_model))[0])
+        res = results[jobs.index(default)]
+        if isinstance(res, BaseException):
+            raise res
+        for (mt, h), other in zip(jobs, results, strict=True):
+            if isinstance(other, BaseException):
+                log.warning("close of %s: %s h%d: %s", pair, mt, h, failure_cause(other))
+        pred, hit = res
+        ts = now_ms()
+        body = prediction_body(pair, pred, hit, time.perf_counter() - t0, ts)
+        ing.predictions_.count(pred)
+        ing.history_.add(history_record(pair, pred, hit is not None, ts, event_id=event_id, event_data=body))
+        return {"id": event_id, "pair": pair, "data": body}
+
+    # ================================================================================ the stream
+
+    def parse(self, pairs: str | None, header_id: str | None, query_id: str | None
+              ) -> tuple[list[str] | None, int | None]:
+        """(pairs or None for all, last event id or None): 422 for an unknown pair or a malformed id.
+        The header wins over the query: on a reconnect EventSource sends the newest id in the header
+        and the URL it first opened, with its old `lastEventId`."""
+        wanted = None
+        if pairs is not None:
+            names = [x.strip() for x in pairs.split(",")]
+            if not pairs.strip() or any(not x for x in names):
+                raise ApiError(422, "invalid_pairs", "pairs must be a comma-separated list of pairs, e.g. BTC,ETH",
+                               availablePairs=self.ing.params.known_pairs())
+            wanted = []
+            for name in names:
+                try:
+                    wanted.append(self.ing.params.pair(name))
+                except ApiError as exc:
+                    raise ApiError(422, "invalid_pairs", exc.message, **exc.extra) from None
+            wanted = sorted(set(wanted))
+        raw = header_id if header_id is not None and header_id.strip() else query_id
+        try:
+            last = parse_event_id(raw)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_event_id", str(exc)) from None
+        return wanted, last
+
+    async def open(self, pairs: list[str] | None, last_id: int | None) -> EventStream:
+        """The stream response (its first hub call is made before the response starts, so an
+        unreachable hub is a 503 JSON, not an empty stream)."""
+        out = await self._hub("after", last_id if last_id is not None else None, pairs, 0.0)
+        return EventStream(self._events(pairs, last_id, out),
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _hub(self, method: str, last_id: int | None, pairs: list[str] | None, wait_s: float) -> dict:
+        return await self.ing.actors.events_call(method, last_id, pairs, wait_s, timeout=wait_s + HUB_SLACK_S)
+
+    async def _missed(self, pairs: list[str] | None, last_id: int, buffered: list[dict]) -> list[dict]:
+        """The events after `last_id` from the stored history (close events only) and `buffered`."""
+        targets = pairs or list(self.ing.params.known_pairs())
+        with contextlib.suppress(Exception):
+            await self.ing.history_.flush()
+        reads = await asyncio.gather(*(self.ing.actors.storage_call(
+            "query_predictions", p, REPLAY_SCAN, max(0, last_id - REPLAY_SINCE_MS)) for p in targets),
+            return_exceptions=True)
+        stored: list[dict] = []
+        for pair, recs in zip(targets, reads, strict=True):
+            if isinstance(recs, BaseException):
+                log.warning("stream replay: the history of %s is not readable: %s", pair, failure_cause(recs))
+                continue
+            stored.extend(history_events(recs, last_id))
+        return replay(stored, buffered, last_id, set(pairs) if pairs else None, self.stream.replay_limit)
+
+    async def _events(self, pairs: list[str] | None, last_id: int | None, first: dict) -> AsyncIterator[bytes]:
+        deadline = time.monotonic() + self.stream.max_duration_s
+        yield sse_retry(self.stream.reconnect_ms)
+        if last_id is None:
+            cursor = int(first.get("lastId") or 0)
+        else:
+            cursor = last_id
+            buffered = (await self._hub("after", last_id, pairs, 0.0))["events"]
+            for ev in await self._missed(pairs, last_id, buffered):
+                yield sse_event(ev["id"], dumps(ev["data"]))
+                cursor = max(cursor, ev["id"])
+        heartbeat = float(self.stream.heartbeat_s)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                yield sse_comment(f"stream ends after {self.stream.max_duration_s:g}s: reconnect with Last-Event-ID")
+                return
+            wait = min(heartbeat, remaining)
+            try:
+                out = await self._hub("after", cursor, pairs, wait)
+            except ApiError as exc:  # the hub restarting: say so, try again
+                yield sse_comment(f"events hub unavailable: {exc.message}")
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            events = out.get("events") or []
+            if out.get("missed"):  # fell behind the hub's buffer: the history has the rest
+                events = await self._missed(pairs, cursor, events)
+            if not events:
+                yield sse_comment("heartbeat")
+            for ev in events:
+                if ev["id"] > cursor:
+                    yield sse_event(ev["id"], dumps(ev["data"]))
+                    cursor = ev["id"]
+
