@@ -226,7 +226,7 @@ def run_torch_trainer(
     if candles is None:
         from ml.data.store import CandleStore
 
-        candles = load_training_candles(cfg, settings, CandleStore(data_dir, settings.timeframe))
+        candles = load_training_candles(cfg, settings, CandleStore(data_dir, settings.timeframe), refresh=False)
     elif cfg.bars and len(candles) > cfg.bars:
         candles = candles.iloc[-cfg.bars:].reset_index(drop=True)
     dataset = prepare_dataset(candles, cfg)

@@ -5,6 +5,8 @@
 - `core`: fetched from trading-bot-core and validated; rejected rows are logged with their reasons.
 - `exchange`: a crypto exchange through ccxt (`ml.data.exchange`): the store is brought up to the last
   closed bar (only the missing bars are fetched, validated, rejections logged) and read like `files`.
+- In a running service the market feed (`ml.data.feed`) keeps the store current for every source and
+  the serving side reads the store; `load_candles(refresh=False)` reads it for training there too.
 
 `ensure_synthetic_history` keeps the store's synthetic candles up to the last closed bar; the
 streaming service calls it on every new bar and it appends only the bars that are new.
@@ -55,12 +57,16 @@ def synthetic_candles(pair: str, settings=None, *, bars: int | None = None, end_
 
 
 def load_candles(pair: str, settings=None, *, bars: int | None = None,
-                 store: CandleStore | None = None) -> pd.DataFrame:
+                 store: CandleStore | None = None, refresh: bool = True) -> pd.DataFrame:
     """Validated candles of `pair` from the configured source; the newest `bars` if given.
 
-    Raises InvalidPairError for a bad pair, NoCandlesError (files) when nothing was imported,
-    the CoreError family (core) when core cannot deliver, and the ExchangeSourceError family
-    (exchange) when the exchange cannot (ExchangeInputError for an unknown exchange or symbol).
+    `refresh=False` reads the candle store as it is for `exchange` and `core` (like `files`): inside a
+    running service the market feed (`ml.data.feed`) is the store's only writer and keeps it current,
+    so a training run reads what the feed stored instead of fetching (and writing) itself.
+
+    Raises InvalidPairError for a bad pair, NoCandlesError (files, or a store not fed yet) when there
+    are no candles, the CoreError family (core) when core cannot deliver, and the ExchangeSourceError
+    family (exchange) when the exchange cannot (ExchangeInputError for an unknown exchange or symbol).
     """
     validate_pair(pair)
     if bars is not None and bars < 1:
@@ -69,7 +75,7 @@ def load_candles(pair: str, settings=None, *, bars: int | None = None,
     source = settings.data.source
     if source == "synthetic":
         return synthetic_candles(pair, settings, bars=bars)
-    if source == "files":
+    if source == "files" or (source in ("core", "exchange") and not refresh):
         store = store or CandleStore(settings.data_dir, settings.timeframe)
         return store.tail(pair, bars) if bars else store.read(pair)
     if source == "core":

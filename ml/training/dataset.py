@@ -401,11 +401,12 @@ def prepare_dataset(candles: pd.DataFrame, cfg: TrainConfig) -> Dataset:
                          materialize=False)
 
 
-def load_training_candles(cfg: TrainConfig, settings=None, store=None) -> pd.DataFrame:
-    """The candles a run trains on: the newest `cfg.bars` of the configured source."""
+def load_training_candles(cfg: TrainConfig, settings=None, store=None, *, refresh: bool = True) -> pd.DataFrame:
+    """The candles a run trains on: the newest `cfg.bars` of the configured source (`refresh=False`: the
+    store as the market feed keeps it, `ml.data.sources.load_candles`)."""
     from ml.data.sources import load_candles
 
-    return load_candles(cfg.pair, settings, bars=cfg.bars, store=store)
+    return load_candles(cfg.pair, settings, bars=cfg.bars, store=store, refresh=refresh)
 
 
 def pack_dataset(dataset: Dataset, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
