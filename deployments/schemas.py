@@ -253,13 +253,41 @@ class PairsResponse(_Out):
     timestamp: int
 
 
+class DataSourcePair(_Out):
+    source: str
+    bars: int | None
+    lastCandle: int | None = Field(description="open time of the newest candle in the store (epoch ms)")
+    lastClose: int | None = Field(description="its close time")
+    lagBars: int | None = Field(description="bars closed since the newest stored candle")
+    stale: bool = Field(description="lagBars > data.max_lag_bars (or no candle at all)")
+    lastError: str | None = Field(description="the market feed's last failed fetch of this pair")
+    lastErrorAt: int | None
+    lastSuccessAt: int | None
+    failures: int | None = Field(description="failed fetches in a row (null: the feed is not reachable)")
+
+
+class DataSourceHealth(_Out):
+    status: Literal["healthy", "degraded"]
+    type: str
+    timeframe: str
+    maxLagBars: int
+    pairs: dict[str, DataSourcePair]
+    pairsWithoutData: list[str]
+    stalePairs: list[str]
+    failingPairs: list[str]
+    sourceReachable: bool | None = Field(description="core / exchange: the market feed's last fetches "
+                                         "succeeded (null: not known, or a source without an upstream)")
+    feed: dict[str, Any] = Field(description="the market feed actor: reachable, error, ticks, nextDueAt")
+
+
 class HealthResponse(_Out):
     status: Literal["healthy", "degraded", "unhealthy"]
     service: str
     version: str
     timestamp: int
     uptime: str
-    components: dict[str, dict[str, Any]]
+    components: dict[str, dict[str, Any]] = Field(description="ray, redis, storage, trainingQueue and "
+                                                  "dataSource (its shape: DataSourceHealth)")
     models: dict[str, Any]
     predictions: dict[str, Any]
     training: dict[str, Any]

@@ -160,8 +160,11 @@ def test_exchange_down_shows_lag_and_error_predictions_stale_then_the_gap_is_bac
         btc = h["components"]["dataSource"]["pairs"][PAIR]
         return h["status"] == "degraded" and btc["lastError"] and btc["lagBars"] > MAX_LAG and h
 
+    from deployments.schemas import DataSourceHealth
+
     h = _wait(down_seen, 60, "health to show the lag and the error")
     src = h["components"]["dataSource"]
+    DataSourceHealth.model_validate(src)
     assert src["status"] == "degraded" and src["sourceReachable"] is False and PAIR in src["failingPairs"], src
     assert "ExchangeUnavailableError" in src["pairs"][PAIR]["lastError"], src["pairs"][PAIR]
     stale = _wait(lambda: (p := run.predict())["stale"] and p, 30, "predictions stale on old candles")

@@ -198,3 +198,24 @@ def test_synthetic_needs_no_close_delay(tmp_path):
     assert feed.tick()["BTC"] == settings.data.synthetic.history_bars
     fake.t += tf  # exactly at the close: due at once
     assert feed.next_due_ms(fake.t - 1) == fake.t and feed.tick() == {"BTC": 1}
+
+
+def test_health_data_source_view_degrades_on_lag_or_a_failing_fetch_and_says_when_the_feed_is_away():
+    from types import SimpleNamespace
+
+    from deployments.schemas import DataSourceHealth
+    from ml.serving import views
+
+    snap = SimpleNamespace(candle_ts=LAST_CLOSED, coverage={"bars": 50})
+    kw = dict(source="exchange", timeframe="1m", timeframe_ms=TF, max_lag_bars=2)
+    ok = views.data_source_view(["BTC"], [snap], now=NOW, feed={"byPair": {"BTC": {"failures": 0}}}, **kw)
+    assert ok["status"] == "healthy" and ok["pairs"]["BTC"]["lagBars"] == 0 and ok["sourceReachable"] is True
+    DataSourceHealth.model_validate(ok)
+    late = views.data_source_view(["BTC"], [snap], now=NOW + 3 * TF, feed=None, feed_error="not running", **kw)
+    assert late["status"] == "degraded" and late["stalePairs"] == ["BTC"] and late["pairs"]["BTC"]["lagBars"] == 3
+    assert late["feed"] == {"reachable": False, "error": "not running"} and late["sourceReachable"] is None
+    failing = views.data_source_view(["BTC"], [snap], now=NOW, **kw, feed={"byPair": {"BTC": {
+        "failures": 2, "lastError": "ExchangeUnavailableError: down", "lastErrorAt": NOW}}})
+    assert failing["status"] == "degraded" and failing["failingPairs"] == ["BTC"]
+    assert failing["sourceReachable"] is False and failing["pairs"]["BTC"]["lastError"].endswith("down")
+    assert views.health_status({"status": "healthy"}, True, {}, [], True) == "degraded"
