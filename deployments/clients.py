@@ -144,9 +144,13 @@ class ActorClients:
                                f"the prediction events hub is not reachable: {failure_cause(exc)}") from None
         return self._events
 
-    async def events_call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """A call to the hub, bounded; its failure is a 503 `events_unavailable` (and a new handle next time)."""
-        handle = await self.events_hub()
+    async def events_call(self, method: str, *args: Any, timeout: float | None = None, create: bool = True) -> Any:
+        """A call to the hub, bounded; its failure is a 503 `events_unavailable` (and a new handle next
+        time), as is its absence when not `create`."""
+        handle = await self.events_hub(create=create)
+        if handle is None:
+            raise ApiError(503, "events_unavailable", "no prediction events hub runs yet (the market feed "
+                                                      "creates it with its first close)")
         try:
             return await asyncio.wait_for(getattr(handle, method).remote(*args), self._timeout(timeout))
         except TimeoutError:
@@ -155,11 +159,13 @@ class ActorClients:
             self._events = None
             raise ApiError(503, "events_unavailable", f"events hub {method} failed: {failure_cause(exc)}") from None
 
-    async def attach_events(self, app_name: str, *, create: bool) -> None:
-        """Tell the hub which Serve application computes the closes (logged, never raised: the stream
-        is optional and the rest of the API works without the hub)."""
+    async def attach_events(self, app_name: str, *, create: bool) -> bool:
+        """Tell the hub which Serve application computes the closes; whether it was told (failures are
+        logged, never raised: the stream is optional and the rest of the API works without the hub)."""
         try:
             if await self.events_hub(create=create) is not None:
                 await self.events_call("attach", app_name)
+                return True
         except ApiError as exc:
             log.warning("the prediction events hub: %s", exc.message)
+        return False

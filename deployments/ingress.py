@@ -175,11 +175,7 @@ class IngressImpl:
                                     model_types=self.model_types, tag=replica_tag(), namespace=self.namespace,
                                     version=app.version)
         self.stream_ = PredictionStream(self)
-        self._attach_task = None
-        with contextlib.suppress(Exception):  # no running loop: the hub's default app name applies
-            app_name = serve.get_replica_context().app_name
-            self._attach_task = asyncio.get_running_loop().create_task(
-                self.actors.attach_events(app_name, create=False))  # the feed creates the hub
+        self.stream_.attach()  # tell the events hub (if there is one yet) which app this is
 
     def _served(self, pair: str, pred: dict[str, Any], hit: Any, ts: int, *, fallbacks: bool = True) -> None:
         self.predictions_.count(pred, fallbacks=fallbacks)

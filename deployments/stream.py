@@ -87,6 +87,27 @@ class PredictionStream:
         self.ing = ingress
         self.settings = ingress.settings
         self.stream = ingress.settings.stream
+        self._attached = False
+        self._attach_task: asyncio.Task | None = None
+
+    def attach(self) -> None:
+        """Tell the events hub this replica's application name, in the background, until it has been
+        told once (the hub is looked up, not created: the market feed creates it; until it is told, it
+        asks serve_config.yaml's application). Called at start and when a stream opens."""
+        if self._attached or (self._attach_task is not None and not self._attach_task.done()):
+            return
+        try:
+            from ray import serve
+
+            app_name = serve.get_replica_context().app_name
+            loop = asyncio.get_running_loop()
+        except Exception:  # noqa: BLE001 - outside a replica, or no loop yet: the next stream tries
+            return
+
+        async def run() -> None:
+            self._attached = await self.ing.actors.attach_events(app_name, create=False)
+
+        self._attach_task = loop.create_task(run())
 
     # ================================================================================ compute on close
 
@@ -160,14 +181,20 @@ class PredictionStream:
         return wanted, last
 
     async def open(self, pairs: list[str] | None, last_id: int | None) -> EventStream:
-        """The stream response (its first hub call is made before the response starts, so an
-        unreachable hub is a 503 JSON, not an empty stream)."""
-        out = await self._hub("after", last_id if last_id is not None else None, pairs, 0.0)
-        return EventStream(self._events(pairs, last_id, out),
+        """The stream response. The hub is looked up, never created (the market feed creates it): a
+        stream opened before it exists, or while it restarts, sends heartbeats until it is there."""
+        self.attach()
+        try:
+            first = await self._hub(None, pairs, 0.0)
+        except ApiError:
+            first = {"events": [], "lastId": None, "missed": False}
+        return EventStream(self._events(pairs, last_id, first),
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _hub(self, method: str, last_id: int | None, pairs: list[str] | None, wait_s: float) -> dict:
-        return await self.ing.actors.events_call(method, last_id, pairs, wait_s, timeout=wait_s + HUB_SLACK_S)
+    async def _hub(self, last_id: int | None, pairs: list[str] | None, wait_s: float) -> dict:
+        """The hub's `after` long poll, bounded."""
+        return await self.ing.actors.events_call("after", last_id, pairs, wait_s, timeout=wait_s + HUB_SLACK_S,
+                                                 create=False)
 
     async def _missed(self, pairs: list[str] | None, last_id: int, buffered: list[dict]) -> list[dict]:
         """The events after `last_id` from the stored history (close events only) and `buffered`."""
@@ -192,7 +219,10 @@ class PredictionStream:
             cursor = int(first.get("lastId") or 0)
         else:
             cursor = last_id
-            buffered = (await self._hub("after", last_id, pairs, 0.0))["events"]
+            try:
+                buffered = (await self._hub(last_id, pairs, 0.0))["events"]
+            except ApiError:
+                buffered = []  # the history alone
             for ev in await self._missed(pairs, last_id, buffered):
                 yield sse_event(ev["id"], dumps(ev["data"]))
                 cursor = max(cursor, ev["id"])
@@ -204,10 +234,10 @@ class PredictionStream:
                 return
             wait = min(heartbeat, remaining)
             try:
-                out = await self._hub("after", cursor, pairs, wait)
-            except ApiError as exc:  # the hub restarting: say so, try again
-                yield sse_comment(f"events hub unavailable: {exc.message}")
-                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                out = await self._hub(cursor, pairs, wait)
+            except ApiError:  # no hub yet, or restarting: a heartbeat, and look again after it
+                yield sse_comment("heartbeat")
+                await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
                 continue
             events = out.get("events") or []
             if out.get("missed"):  # fell behind the hub's buffer: the history has the rest

@@ -89,7 +89,7 @@ def fuzz_app(ray_cluster, redis_server, tmp_path_factory):
     spec = app_from_config(
         args={"data_dir": str(data_dir), "namespace": ns, "redis_url": redis_server.url, "api_token": TOKEN,
               "pairs": [PAIR], "snapshot_interval_s": 0.2, "queue_name": queue_name, "actor_timeout_s": 60,
-              "monitor": False,
+              "monitor": False, "env": {"TBML_STREAM__MAX_DURATION_S": "1"},  # each fuzzed stream ends in 1 s
               "queue_overrides": {"tick_s": 0.2, "cooldown_minutes": 30, "train_overrides": TINY, "num_workers": 1,
                                   "cpus_per_worker": 0.5, "max_attempts": 1}},
         deployments={"Ingress": tiny, "Features": tiny,
