@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 REPLAY_SCAN = 20_000      # newest history records per pair read for a replay
 REPLAY_SINCE_MS = 60_000  # records are stamped after their event id was given: read a minute earlier
 HUB_SLACK_S = 10.0        # a long poll's own timeout plus this bounds the call
+_PAIR_RE = re.compile(PAIR_PATTERN)
 
 
 STREAM_DOC = {  # the OpenAPI text of the route
@@ -113,11 +115,8 @@ class PredictionStream:
 
     async def on_close(self, closes: dict[str, int], first_id: int) -> list[dict[str, Any]]:
         """The events of one close (id, pair, data = the body of GET /api/predictions/{pair})."""
-        import re
-
-        pattern = re.compile(PAIR_PATTERN)
         ids = event_ids(first_id, closes)
-        pairs = [p for p in ids if isinstance(p, str) and pattern.fullmatch(p)]
+        pairs = [p for p in ids if isinstance(p, str) and _PAIR_RE.fullmatch(p)]
         results = await asyncio.gather(*(self._close_one(p, int(closes[p]), ids[p]) for p in pairs),
                                        return_exceptions=True)
         events = []
