@@ -284,9 +284,10 @@ def _wait_http(port: int, timeout: float = 120.0) -> None:
 
 
 @contextlib.contextmanager
-def cluster(deployments: dict | None = None):
+def cluster(deployments: dict | None = None, prepare=None, train=None):
     """Ray + Redis + data + the Serve app of serve_config.yaml (per-deployment option overrides:
-    `deployments`, for experiments); yields (port, info)."""
+    `deployments`, for experiments; `prepare`/`train`: other data than _prepare_data/_train_model's
+    synthetic candles); yields (port, info)."""
     from bench.bench_cache import redis_server
 
     saved_env = {k: os.environ.get(k) for k in ("TBML_DATA_DIR", "TBML_REDIS_URL", "TBML_NAMESPACE")}
@@ -302,7 +303,7 @@ def cluster(deployments: dict | None = None):
 
         get_settings.cache_clear()
         settings = get_settings()
-        _prepare_data(data_dir, list(settings.pairs), settings)
+        (prepare or _prepare_data)(data_dir, list(settings.pairs), settings)
 
         import ray
         from ray import serve
@@ -315,7 +316,7 @@ def cluster(deployments: dict | None = None):
                  object_store_memory=200 * 1024 * 1024)
         try:
             storage = get_or_create_storage_actor(data_dir=str(data_dir), namespace=NAMESPACE)
-            version = _train_model(storage)
+            version = (train or _train_model)(storage)
             queue = get_or_create_queue_actor(NAMESPACE, str(data_dir))
             ray.get(queue.ping.remote(), timeout=120)
             # the accuracy monitor is part of the service (the ingress creates it): it is measured too

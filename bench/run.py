@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import BenchResult
 
-MODULES = ("bench_features", "bench_storage", "bench_cache", "bench_training", "bench_http")
+MODULES = ("bench_features", "bench_storage", "bench_cache", "bench_training", "bench_http", "bench_live")
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
