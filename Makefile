@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup redis-server test test-unit test-ray test-e2e bench chaos run stop lint format clean
+.PHONY: setup redis-server chromium test test-unit test-ray test-e2e bench chaos run stop lint format clean
 
-setup: $(VENV)/.installed redis-server
+setup: $(VENV)/.installed redis-server chromium
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,19 @@ redis-server:
 		systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true; \
 	else \
 		echo "redis-server is missing: install it with 'sudo apt-get install redis-server' (Debian/Ubuntu) and run make setup again" >&2; \
+		exit 1; \
+	fi
+
+# Debian's Chromium: the status page is checked in a real headless browser (tests/ray/test_serving_api.py).
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then \
+		echo "chromium: $$(chromium --version 2>/dev/null | cut -d' ' -f2)"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		  || { echo "apt-get install chromium failed" >&2; exit 1; }; \
+	else \
+		echo "chromium is missing: install it with 'sudo apt-get install chromium' (Debian/Ubuntu) and run make setup again" >&2; \
 		exit 1; \
 	fi
 

@@ -742,3 +742,73 @@ def test_served_predictions_resolve_after_the_horizon_and_the_accuracy_endpoint_
     assert live.brier == pytest.approx(acc.models["lstm"].brier)
     tested = status.models["lstm"].production["metrics"]["accuracy"]
     assert tested is not None and live.testAccuracy == tested
+
+
+# ======================================================================================= status page
+
+
+class _PageDom:
+    """The rendered DOM as Chromium dumped it: attributes of the elements the test reads."""
+
+    def __init__(self, html: str) -> None:
+        from html.parser import HTMLParser
+
+        self.body: dict[str, str] = {}
+        self.signals: dict[str, str] = {}
+        self.cards: set[str] = set()
+        self.polylines: list[dict[str, str]] = []
+        dom = self
+
+        class Parser(HTMLParser):
+            row: str | None = None
+
+            def handle_starttag(self, tag, attrs):
+                a = {k: v or "" for k, v in attrs}
+                if tag == "body":
+                    dom.body = a
+                elif tag == "tr" and "data-pair" in a:
+                    self.row = a["data-pair"]
+                elif tag == "td" and "data-signal" in a and self.row:
+                    dom.signals[self.row] = a["data-signal"]
+                elif tag == "section" and "pair" in a.get("class", "").split():
+                    dom.cards.add(a.get("data-pair", ""))
+                elif tag == "polyline":
+                    dom.polylines.append(a)
+
+        Parser().feed(html)
+
+
+def test_status_page_in_headless_chromium(served):
+    """GET / rendered by a real browser: every configured pair with the signal GET /api/predictions
+    gives, a card per pair with its chart drawn from the served history, and no request to anything
+    but this origin. The screenshot is kept at tests/artifacts/status-page.png for people to look at."""
+    from pathlib import Path
+
+    c = served["client"]
+    r = c.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "connect-src 'self'" in r.headers["content-security-policy"]
+    assert "http://" not in r.text.replace("http://www.w3.org/2000/svg", "") and "https://" not in r.text
+    for pair in PAIRS:  # every pair has been served at least once by now: its chart has points
+        assert c.get(f"/api/predictions/{pair}").status_code == 200
+    c.get(f"/api/predictions/{PAIRS[0]}/history")  # flushes the buffered history
+    want = {p: v["signal"] for p, v in _json(c.get("/api/predictions"))["predictions"].items()}
+
+    from headless import Browser
+
+    artifacts = Path(__file__).resolve().parents[1] / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with Browser() as browser:
+        browser.open(served["base"] + "/")
+        browser.wait_for("document.body && document.body.dataset.ready === 'true'")
+        dom = _PageDom(browser.html())
+        shot = browser.screenshot(artifacts / "status-page.png")
+        requests = list(browser.requests)
+    assert dom.signals == want
+    assert dom.cards == set(PAIRS)
+    drawn = {p.get("data-pair") for p in dom.polylines
+             if "probability" in p.get("class", "") and len(p.get("points", "").split()) >= 1}
+    assert "SVA" in drawn, dom.polylines  # a production model answered: its P(up) is drawn
+    assert f"{served['base']}/api/predictions" in requests, requests
+    assert all(u.startswith(served["base"]) for u in requests), requests  # nothing leaves the machine
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
