@@ -200,6 +200,15 @@ class LiveSettings(_Section):
     retrain_priority: int = Field(3, ge=1, le=10)
 
 
+class SimulationSettings(_Section):
+    """Simulated trades that follow the forecasts (`ml.simulation`, docs/evaluation.md)."""
+
+    tp_mult: float = Field(1.5, gt=0, description="take-profit at this many predicted volatilities from the entry")
+    sl_mult: float = Field(1.0, gt=0, description="stop-loss at this many predicted volatilities from the entry")
+    fee_bps: float = Field(10.0, ge=0, description="fee per side, basis points of the notional")
+    slippage_bps: float = Field(2.0, ge=0, description="market orders (entry, stop, expiry) fill this much worse")
+
+
 class StreamSettings(_Section):
     """The prediction stream `GET /api/stream/predictions` (server-sent events; docs/api.md)."""
 
@@ -260,6 +269,7 @@ class Settings(_Section):
     live: LiveSettings = LiveSettings()
     cache: CacheSettings = CacheSettings()
     stream: StreamSettings = StreamSettings()
+    simulation: SimulationSettings = SimulationSettings()
     redis: RedisSettings = RedisSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     api: ApiSettings = ApiSettings()
