@@ -244,6 +244,16 @@ class SupervisorSettings(_Section):
     max_restarts: int = Field(0, ge=0, description="restart attempts per piece and run; 0 = no limit")
 
 
+class MetricsSettings(_Section):
+    """The service's own numbers in Ray's Prometheus export (docs/metrics.md)."""
+
+    enabled: bool = Field(True, description="record the tbml_* metrics (off: every recording is a no-op)")
+    export_port: int = Field(8080, ge=1, le=65535, description="the Ray head's --metrics-export-port "
+                             "(`tbml up` moves it to a free port, and says so, when it is taken)")
+    storage_interval_s: float = Field(60.0, gt=0, description="how often the Storage actor measures the "
+                                      "bytes per category of the data dir")
+
+
 class ApiSettings(_Section):
     token: str | None = None
     max_body_bytes: int = 65536
@@ -272,6 +282,7 @@ class Settings(_Section):
     simulation: SimulationSettings = SimulationSettings()
     redis: RedisSettings = RedisSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
+    metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
 
     @field_validator("timeframe")
