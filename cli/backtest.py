@@ -66,6 +66,9 @@ def register(subparsers) -> None:
                    help="cost per trade, entry plus exit, in basis points (default: backtest.cost_bps)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the JSON report to OUT ('-': stdout)")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and PNG plots into DIR")
+    p.add_argument("--export", default=None, metavar="FILE.parquet",
+                   help="write every test row (ts, close, P(up) per model, volatility, signal, simulated "
+                        "position) to a Parquet file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_backtest)
 
@@ -99,18 +102,30 @@ def _config(args: argparse.Namespace, settings) -> BacktestConfig:
     return cfg
 
 
-def _json_target(value: str | None) -> Path | str | None:
-    """The --json target, checked before any work: '-' or a file in an existing, writable directory."""
-    if value is None or value == "-":
-        return value
+def _file_target(flag: str, value: str | None) -> Path | None:
+    """An output file, checked before any work: a file in an existing, writable directory."""
+    if value is None:
+        return None
     out = Path(value).expanduser()
     if not value.strip() or out.is_dir():
-        raise UsageError(f"--json {value!r} is a directory, not a file")
+        raise UsageError(f"{flag} {value!r} is a directory, not a file")
     if not out.parent.is_dir():
         what = "is not a directory" if out.parent.exists() else "does not exist"
-        raise UsageError(f"--json {value}: {out.parent} {what}")
+        raise UsageError(f"{flag} {value}: {out.parent} {what}")
     if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--json {value}: directory {out.parent} is not writable")
+        raise UsageError(f"{flag} {value}: directory {out.parent} is not writable")
+    return out
+
+
+def _json_target(value: str | None) -> Path | str | None:
+    """The --json target: '-' (stdout) or a file (`_file_target`)."""
+    return value if value == "-" else _file_target("--json", value)
+
+
+def _export_target(value: str | None) -> Path | None:
+    out = _file_target("--export", value)
+    if out is not None and out.suffix.lower() != ".parquet":
+        raise UsageError(f"--export {value}: the file name must end in .parquet")
     return out
 
 
@@ -239,18 +254,21 @@ class _Progress:
 def cmd_backtest(args: argparse.Namespace) -> int:
     from ml.config import get_settings
     from ml.evaluation.backtest import BacktestInputError, edge_summary, run_backtest
-    from ml.evaluation.report import summary_table, utc, verdict_sentence, write_report
+    from ml.evaluation.report import summary_table, trading_table, utc, verdict_sentence, write_report
     from ml.features import LookAheadError
+    from ml.simulation.trades import SimConfig
 
     settings = get_settings()
     cfg = _config(args, settings)
     json_target = _json_target(args.json)
     report_dir = _report_target(args.report)
+    export_target = _export_target(args.export)
     candles, origin, extra = _candles(args, settings)
 
     progress = _Progress(cfg.folds * 3, enabled=not args.no_progress and sys.stderr.isatty())
     try:
-        result = run_backtest(candles, cfg, progress=progress, source=origin)
+        result = run_backtest(candles, cfg, progress=progress, source=origin,
+                              simulation=SimConfig.from_settings(settings))
     except LookAheadError:
         raise  # the feature set peeks ahead: a defect, not the user's input (exit 1)
     except BacktestInputError as exc:
@@ -270,6 +288,11 @@ def cmd_backtest(args: argparse.Namespace) -> int:
             paths = write_report(result, report_dir, title=title)
         except OSError as exc:
             raise UsageError(f"--report {report_dir}: cannot write: {exc.strerror or exc}") from None
+    if export_target is not None:
+        try:
+            result.export(export_target)
+        except OSError as exc:
+            raise UsageError(f"--export {export_target}: cannot write: {exc.strerror or exc}") from None
     if json_target == "-":
         return 0
     data = result.data
@@ -278,9 +301,13 @@ def cmd_backtest(args: argparse.Namespace) -> int:
           f"{data['rows']:,} candles {utc(data['start'])} → {utc(data['end'])} UTC ({origin}), "
           f"{result.elapsed_s:.1f} s")
     print(summary_table(result))
+    print("\nsimulated trading (one position at a time, stops sized from volatility, fees and slippage):")
+    print(trading_table(result))
     print(verdict_sentence(edge_summary(result)))
     if json_target is not None:
         print(f"json: {json_target}")
     if paths:
         print(f"report: {paths['report']}")
+    if export_target is not None:
+        print(f"export: {export_target}")
     return 0

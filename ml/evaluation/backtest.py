@@ -243,11 +243,27 @@ class BacktestResult:
     hard: dict[str, np.ndarray]       # name -> the call (1 = up) per test row
     checks: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    close: np.ndarray | None = None       # close of each test row's bar
+    volatility: np.ndarray | None = None  # the volatility forecast the simulator sized stops with
+    trading: dict[str, Any] = field(default_factory=dict)    # ml.evaluation.trading: simulated trades
+    simulators: dict[str, Any] = field(default_factory=dict)  # name -> ml.simulation.trades.Simulator
 
     def to_json(self) -> dict[str, Any]:
         return {"data": self.data, "config": self.config, "overall": self.overall, "folds": self.folds,
-                "checks": self.checks, "strategy": self.strategy_summary(), "edge": edge_summary(self),
-                "elapsedSeconds": self.elapsed_s}
+                "checks": self.checks, "strategy": self.strategy_summary(), "trading": self.trading,
+                "edge": edge_summary(self), "elapsedSeconds": self.elapsed_s}
+
+    def export(self, path: Any) -> Any:
+        """Every test row as Parquet (`ml.evaluation.trading.export_rows`): the model's simulated position."""
+        from ml.evaluation.trading import export_rows, positions
+        from ml.serving.signals import classify
+
+        p = self.probs[MODEL]
+        signals = np.array([classify(float(x), float(self.config["strong"]), float(self.config["weak"])).signal
+                            for x in p])
+        pos = positions(self.simulators[MODEL], self.ts) if MODEL in self.simulators else np.zeros(len(self.ts))
+        return export_rows(path, self.ts, self.close, self.fold, self.probs, self.volatility, signals, pos,
+                           int(self.config["horizon"]))
 
     def positions(self, name: str) -> np.ndarray:
         """+1 long / -1 short where the signal fires (BUY* / SELL*), 0 on HOLD."""
@@ -332,13 +348,15 @@ def run_backtest(
     progress: Progress | None = None,
     source: str | None = None,
     feature_fn: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    simulation: Any = None,
 ) -> BacktestResult:
     """Walk-forward evaluation of `cfg.model_type` and the baselines on `candles` (ts-sorted).
 
     `labels` (one per candle, NaN = unknown) replaces the direction labels: tests use it to show
     that scrambling what a fold is scored on leaves what it learned untouched. `progress(done,
     total, what)` is called after every fitted model. `feature_fn` replaces the feature matrix
-    (it must be causal; the check runs on it too).
+    (it must be causal; the check runs on it too). `simulation` (an `ml.simulation.trades.SimConfig`;
+    default its defaults) sets the simulated trades of `ml.evaluation.trading`.
     """
     from ml.features import feature_matrix
 
@@ -459,11 +477,20 @@ def run_backtest(
     data = {"rows": int(len(candles)), "start": int(cts[0]), "end": int(cts[-1]),
             "featureRows": int(len(fts)), "labelledRows": int(valid.sum()), "gapRows": int(spans_gap.sum()),
             "source": source}
+    from ml.evaluation.trading import simulated_trading, trailing_volatility
+    from ml.simulation.trades import SimConfig
+
+    test_close = close_all[pos[test_rows]]
+    test_vol = trailing_volatility(close_all, h)[pos[test_rows]]
+    trading, sims = simulated_trading(candles, fts[test_rows], test_close, probs_all, test_vol, horizon=h,
+                                      timeframe_ms=tf, strong=cfg.strong, weak=cfg.weak,
+                                      config=simulation or SimConfig())
     return BacktestResult(
         data=data, config=config, overall=overall, folds=fold_docs, ts=fts[test_rows], y=y_pool,
         fold=np.concatenate([np.full(len(p.test), p.index) for p in plans]),
         forward_return=fwd[test_rows], probs=probs_all, hard=hard_all, checks=checks,
-        elapsed_s=round(time.perf_counter() - t0, 3),
+        elapsed_s=round(time.perf_counter() - t0, 3), close=test_close, volatility=test_vol,
+        trading=trading, simulators=sims,
     )
 
 

@@ -254,6 +254,38 @@ def _strategy_rows(result: BacktestResult) -> list[list[str]]:
     return rows
 
 
+TRADING_HEADER = ("", "trades", "win rate", "net return", "Sharpe", "max drawdown", "exposure", "turnover",
+                  "fees")
+
+
+def _trading_rows(result: BacktestResult) -> list[list[str]]:
+    trading = result.trading or {}
+    rows = []
+    for n in NAMES:
+        t = trading.get(n)
+        if not t:
+            continue
+        rows.append([label(n, result), fmt_int(t["trades"]), fmt_pct(t["winRate"]),
+                     fmt_pct(t["totalReturn"], 2, signed=True), fmt_num(t["sharpe"], 2),
+                     fmt_pct(t["maxDrawdown"], 2), fmt_pct(t["exposure"]), fmt_num(t["turnover"], 3),
+                     fmt_pct(t["feesPaid"], 2)])
+    hold = next((t["buyAndHold"] for t in trading.values() if isinstance(t, dict) and "buyAndHold" in t), None)
+    if hold:
+        rows.append([label("buy_and_hold"), DASH, DASH, fmt_pct(hold["totalReturn"], 2, signed=True),
+                     fmt_num(hold["sharpe"], 2), fmt_pct(hold["maxDrawdown"], 2), "100.0 %", DASH, DASH])
+    return rows
+
+
+def trading_table(result: BacktestResult) -> str:
+    """The plain-text table of the simulated trades (`ml.evaluation.trading`), one row per model."""
+    rows = _trading_rows(result)
+    if not rows:
+        return ""
+    widths = [max(len(r[i]) for r in (TRADING_HEADER, *rows)) for i in range(len(TRADING_HEADER))]
+    return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
+                     .rstrip() for r in (TRADING_HEADER, *rows))
+
+
 HOW_TO_READ = """\
 **Accuracy** is the share of test rows whose direction was called right; it only means something
 next to the baselines, which saw exactly the same folds: *majority* always calls the more common
@@ -338,6 +370,17 @@ def render_markdown(result: BacktestResult, *, title: str | None = None,
               f"Net of {fmt_num(cfg.get('cost_bps'), 1)} bps per trade (entry plus exit), "
               f"1/{h} of the capital per signal, held {h} bars.", ""]
     lines += _md_table(["", "net return", "trades"], _strategy_rows(result))
+    lines.append("")
+
+    sim = (result.trading or {}).get("config") or {}
+    lines += ["## Simulated trading (one position at a time)", "",
+              f"The simulator of the live service (`ml.simulation`): a BUY opens a long, a SELL a short, at the "
+              f"bar's close plus {fmt_num(sim.get('slippageBps'), 1)} bps slippage; take-profit at "
+              f"{fmt_num(sim.get('tpMult'), 2)} and stop-loss at {fmt_num(sim.get('slMult'), 2)} predicted "
+              f"volatilities ({sim.get('volatility', DASH)}), else out at the close of bar {h}; "
+              f"{fmt_num(sim.get('feeBps'), 1)} bps fee per side. Returns compound; Sharpe is annualised "
+              "for the timeframe (every bar of the year).", ""]
+    lines += _md_table(TRADING_HEADER, _trading_rows(result))
     lines.append("")
 
     lines += ["## How to read this", "",

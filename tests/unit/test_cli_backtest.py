@@ -54,7 +54,8 @@ def cli_run(drift_csv, tmp_path_factory):
     out, report = work / "bt.json", work / "report" / "sol"
     proc = subprocess.run(
         [sys.executable, "-m", "cli", "backtest", "--file", str(path), "--folds", "2", "--epochs", "2",
-         "--seed", "11", "--horizon", "3", "--cost-bps", "5", "--json", str(out), "--report", str(report)],
+         "--seed", "11", "--horizon", "3", "--cost-bps", "5", "--json", str(out), "--report", str(report),
+         "--export", str(work / "rows.parquet")],
         cwd=REPO, env={**os.environ, "TBML_DATA_DIR": str(work / "data")}, capture_output=True, text=True,
         timeout=300)
     return proc, out, report
@@ -107,6 +108,46 @@ def test_csv_run_json_has_the_contract_keys(cli_run, drift_csv):
     assert sum(f["model"]["n"] for f in doc["folds"]) == doc["overall"]["model"]["n"]
 
 
+def test_csv_run_simulates_trades_and_exports_every_test_row(cli_run, drift_csv):
+    """The JSON's `trading` block (the simulator of the live service on the walk-forward predictions)
+    and the Parquet export: one row per pooled test row, its probabilities, volatility, signal and the
+    simulated position, which replaying the simulator on the file's own rows reproduces."""
+    import numpy as np
+    import pandas as pd
+
+    from ml.serving.signals import classify
+    from ml.simulation.trades import Bar, Forecast, SimConfig, simulate
+
+    proc, out, _ = cli_run
+    assert proc.returncode == 0, proc.stderr
+    doc = strict_loads(out.read_text())
+    trading = doc["trading"]
+    for name in NAMES:
+        t = trading[name]
+        assert {"trades", "winRate", "totalReturn", "sharpe", "maxDrawdown", "exposure", "turnover", "feesPaid",
+                "buyAndHold"} <= set(t), name
+        assert 0.0 <= t["maxDrawdown"] < 1.0 and 0.0 <= t["exposure"] <= 1.0
+    assert trading["model"]["trades"] > 0 and trading["config"]["feeBps"] == SimConfig().fee_bps
+    assert any(line.startswith("simulated trading") for line in proc.stdout.splitlines())
+
+    rows = pd.read_parquet(out.parent / "rows.parquet")
+    assert len(rows) == doc["overall"]["model"]["n"]
+    assert {"ts", "ts_ms", "close", "fold", "volatility", "signal", "position",
+            *(f"p_{n}_h3" for n in NAMES)} <= set(rows.columns)
+    assert rows["ts_ms"].is_monotonic_increasing and set(rows["position"].unique()) <= {-1, 0, 1}
+    cfg = doc["config"]
+    assert list(rows["signal"]) == [classify(p, cfg["strong"], cfg["weak"]).signal for p in rows["p_model_h3"]]
+    _, candles = drift_csv
+    test = candles[candles["ts"] >= rows["ts_ms"].iloc[0]]
+    bars = [Bar(int(r.ts), r.open, r.high, r.low, r.close) for r in test.itertuples()]
+    forecasts = {int(r.ts_ms): Forecast(int(r.ts_ms), r.close, r.signal,
+                                        None if np.isnan(r.volatility) else r.volatility, 3)
+                 for r in rows.itertuples()}
+    sim = simulate(bars, forecasts, SimConfig())
+    assert len([t for t in sim.trades if not t.open]) == trading["model"]["trades"]
+    assert sim.equity == pytest.approx(trading["model"]["equity"])
+
+
 def test_csv_run_writes_the_report_with_three_plots(cli_run):
     proc, _, report = cli_run
     assert proc.returncode == 0, proc.stderr
@@ -150,6 +191,8 @@ def short_csv(drift_csv, tmp_path_factory) -> Path:
     (["--file", "{csv}", "--json", "{blocker}/out.json"], "is not a directory"),
     (["--file", "{csv}", "--json", "{tmp}"], "is a directory"),
     (["--file", "{csv}", "--report", "{blocker}/report"], "is not a directory"),
+    (["--file", "{csv}", "--export", "{tmp}/rows.csv"], "must end in .parquet"),
+    (["--file", "{csv}", "--export", "{blocker}/rows.parquet"], "is not a directory"),
     (["--file", "{csv}", "--epochs", "0"], "--epochs"),
     (["--file", "{csv}", "--train-bars", "10"], "--train-bars"),
     (["--file", "{csv}", "--cost-bps", "nan"], "--cost-bps"),
