@@ -32,6 +32,7 @@ from typing import Any
 
 import ray
 
+from actors.metrics import record_live
 from actors.training_queue import QUEUE_ACTOR_NAME
 from ml.clock import now_ms
 from ml.config import LiveSettings
@@ -233,6 +234,7 @@ class AccuracyMonitorActor:
                 if not entry["flagged"]:
                     await self._queue_retrain(pair, mt, version, reason, entry, summary)
             models[mt] = entry
+        record_live(pair, models, production, now_ms())  # actors/metrics.py
         doc = {"pair": pair, "window": self._window, "minN": self._min_n, "margin": self._margin,
                "models": models}
         if doc != {k: v for k, v in previous.items() if k != "updatedAt"}:  # write only what changed

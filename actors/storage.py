@@ -10,6 +10,8 @@
   and training records past the cutoff go, nothing else (ml.storage.retention holds the rule). The last
   run is kept on disk, so a restarted actor waits out the rest of the interval instead of running at once;
   what the runs removed is in `stats()["retention"]`.
+- Another measures the bytes per category every `metrics.storage_interval_s` and re-reads the
+  supervisor document, for Ray's metrics export (`actors.metrics`, docs/metrics.md).
 - Graceful shutdown flushes: `stop_storage_actor(handle)` (shutdown() then Ray's graceful exit);
   `actor.__ray_terminate__.remote()` alone also flushes, through atexit. A hard `ray.kill` loses
   only what was still buffered (at most flush_count records or flush_seconds worth).
@@ -30,8 +32,10 @@ from typing import Any
 
 import ray
 
+from actors.metrics import record_storage, record_supervisor
 from ml.clock import now_ms
 from ml.config import get_settings
+from ml.serving.views import SUPERVISOR_DOCUMENT
 from ml.storage.store import Storage
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ class StorageActor:
         self._storage.ensure_layout()
         self._flusher: asyncio.Task | None = None
         self._retention: asyncio.Task | None = None
+        self._metrics: asyncio.Task | None = None
         self._retention_if_due()  # before the first call is served: no race with the first appends
         self._closed = False
         atexit.register(self._close)  # runs on Ray's graceful exit (__ray_terminate__) and SIGTERM
@@ -75,6 +80,8 @@ class StorageActor:
         loop = asyncio.get_running_loop()
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_loop())
+        if self._metrics is None or self._metrics.done():
+            self._metrics = loop.create_task(self._metrics_loop())
         if self._storage.retention_hours > 0 and (self._retention is None or self._retention.done()):
             self._retention = loop.create_task(self._retention_loop())
 
@@ -104,6 +111,19 @@ class StorageActor:
                 except Exception as exc:  # noqa: BLE001 - keep flushing later; records stay buffered
                     log.error("background flush failed: %s", exc)
 
+    async def _metrics_loop(self) -> None:
+        """Storage bytes and the supervisor's restarts for the metrics export (actors.metrics)."""
+        settings = get_settings().metrics
+        if not settings.enabled:
+            return
+        while not self._closed:
+            try:
+                record_storage(await asyncio.to_thread(self._storage.stats))
+                record_supervisor(await asyncio.to_thread(self._storage.get_document, *SUPERVISOR_DOCUMENT, None))
+            except Exception as exc:  # noqa: BLE001 - measured again next interval
+                log.debug("storage metrics: %s", exc)
+            await asyncio.sleep(float(settings.storage_interval_s))
+
     async def _retention_loop(self) -> None:
         storage = self._storage
         while not self._closed and storage is self._storage:
@@ -125,7 +145,10 @@ class StorageActor:
         return str(self._storage.data_dir)
 
     async def put_document(self, category: str, name: str, data: Any, pair: str | None = None) -> str:
-        return await self._run("put_document", category, name, data, pair=pair)
+        out = await self._run("put_document", category, name, data, pair=pair)
+        if (category, name) == SUPERVISOR_DOCUMENT and pair is None:
+            record_supervisor(data)  # its restarts in the metrics export at once
+        return out
 
     async def get_document(self, category: str, name: str, default: Any = None, pair: str | None = None) -> Any:
         return await self._run("get_document", category, name, default, pair=pair)
@@ -198,7 +221,9 @@ class StorageActor:
         return await self._run("prediction_pairs")
 
     async def stats(self) -> dict:
-        return await self._run("stats")
+        out = await self._run("stats")
+        record_storage(out)
+        return out
 
     async def save(self) -> dict:
         return await self._run("save")

@@ -56,6 +56,7 @@ from typing import Any
 
 import ray
 
+from actors.metrics import record_queue, record_training_run
 from ml.clock import now_ms
 from ml.queue.jobs import ACTIVE, FINISHED
 from ml.queue.requests import InvalidRequest, TrainRequest
@@ -435,6 +436,7 @@ class TrainingQueueActor:
         for job in started:
             self._launch(job)
         await self._persist()
+        record_queue(self._state.summary(now))  # actors/metrics.py
 
     def _launch(self, job) -> None:
         name = run_actor_name(self._name, job.job_id, job.run_id, job.started_at)
@@ -509,6 +511,7 @@ class TrainingQueueActor:
         """Add finished jobs to the training history of the Storage actor (upserted by jobId)."""
         now = now_ms()
         for job in jobs:
+            record_training_run(job)  # actors/metrics.py
             try:
                 await self._storage.append_training_record.remote(job_view(job, now))
             except Exception as exc:  # the queue's own history still has it

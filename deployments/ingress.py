@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, Path, Query, Request, Security
+from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from starlette.responses import Response
@@ -36,6 +36,7 @@ from deployments.args import AppArgs
 from deployments.clients import ActorClients
 from deployments.errors import JSON, ApiError
 from deployments.history import HistoryBuffer
+from deployments.metrics import ServeMetrics
 from deployments.params import Params, short
 from deployments.predictions import Predictions
 from deployments.replica import apply_env, direct, replica_tag
@@ -68,10 +69,11 @@ from deployments.schemas import (
     VersionsResponse,
 )
 from deployments.status import StatusReports
-from deployments.stream import STREAM_DOC, EventStream, PredictionStream, stream_responses
+from deployments.stream import PAIRS_PATTERN, STREAM_DOC, EventStream, PredictionStream, stream_responses
 from ml.clock import now_ms
 from ml.evaluation.live import accuracy_summary, reference_rate, with_outcomes
 from ml.serving import views
+from ml.serving.events import EVENT_ID_PATTERN
 from ml.serving.history import history_record
 from ml.serving.prediction import prediction_body, round_ms
 from ml.serving.snapshot import Snapshots
@@ -162,6 +164,7 @@ class IngressImpl:
         self.predictions_ = Predictions(s, direct(predictor, self.args.handle_grpc),
                                         direct(features, self.args.handle_grpc), self.cache, self.snapshots,
                                         default_seq_len)
+        self.metrics_ = self.predictions_.metrics = ServeMetrics(s.metrics.enabled)  # deployments/metrics.py
 
         async def append(batch: list[dict]) -> None:
             await self.actors.storage_call("append_predictions", batch)
@@ -179,6 +182,8 @@ class IngressImpl:
 
     def _served(self, pair: str, pred: dict[str, Any], hit: Any, ts: int, *, fallbacks: bool = True) -> None:
         self.predictions_.count(pred, fallbacks=fallbacks)
+        self.metrics_.served(pair, pred, hit)
+        self.metrics_.redis(self.cache.degraded)
         self.history_.add(history_record(pair, pred, hit is not None, ts))
 
     async def _flush(self) -> None:
@@ -218,6 +223,7 @@ class IngressImpl:
         pred, hit = await self.predictions_.predict(p, mt, horizon, bypassCache or fresh)
         ts = now_ms()
         self._served(p, pred, hit, ts)
+        self.metrics_.latency("one", time.perf_counter() - t0)
         return JSON(prediction_body(p, pred, hit, time.perf_counter() - t0, ts))
 
     @app.get("/api/predictions", response_model=AllPredictionsResponse, tags=["predictions"],
@@ -235,6 +241,7 @@ class IngressImpl:
             pred, hit = (self.predictions_.failed(mt, res), None) if isinstance(res, BaseException) else res
             out[pair], cached[pair] = pred, hit is not None
             self._served(pair, pred, hit, ts, fallbacks=False)
+        self.metrics_.latency("all", time.perf_counter() - t0)
         return JSON({"predictions": out, "count": len(out), "timestamp": ts, "cached": cached,
                      "responseTime": round_ms(time.perf_counter() - t0)})
 
@@ -278,6 +285,7 @@ class IngressImpl:
     async def features_of(self, pair: str) -> JSON:
         p = self.params.pair(pair)
         block, hit = await self.predictions_.feature_row(p, self.default_model)
+        self.metrics_.lookup("features", hit)
         return JSON({"pair": p, "features": block, "timestamp": now_ms(), "cached": hit is not None})
 
     @app.get("/api/pairs", response_model=PairsResponse, tags=["predictions"],
@@ -300,13 +308,15 @@ class IngressImpl:
         return await self.stream_.on_close(closes, first_id)
 
     @app.get("/api/stream/predictions", response_class=EventStream,
-             responses={**stream_responses(), **E422, **E503},
-             tags=["predictions"], summary="Server-sent events: each prediction made when a candle closes")
-    async def stream_predictions(self, request: Request,
-                                 pairs: str | None = Query(None, max_length=2000, description=STREAM_DOC['pairs']),
-                                 lastEventId: str | None = Query(None, max_length=40,
-                                                                 description=STREAM_DOC['lastEventId'])) -> EventStream:
-        wanted, last = self.stream_.parse(pairs, request.headers.get("last-event-id"), lastEventId)
+             responses={**stream_responses(), **E404, **E422}, tags=["predictions"],
+             summary="Server-sent events: each prediction made when a candle closes")
+    async def stream_predictions(
+            self, pairs: str | None = Query(None, max_length=2000, pattern=PAIRS_PATTERN,
+                                            description=STREAM_DOC["pairs"]),
+            lastEventId: str | None = Query(None, pattern=EVENT_ID_PATTERN, description=STREAM_DOC["lastEventId"]),
+            last_event_id: str | None = Header(None, alias="Last-Event-ID", pattern=EVENT_ID_PATTERN,
+                                               description=STREAM_DOC["Last-Event-ID"])) -> EventStream:
+        wanted, last = self.stream_.parse(pairs, last_event_id, lastEventId)
         return await self.stream_.open(wanted, last)
 
     # ================================================================================ health, status

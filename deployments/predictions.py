@@ -46,6 +46,7 @@ class Predictions:
         self.last_computed: dict[str, int] = {}
         self.served = 0
         self.fallbacks = 0
+        self.metrics: Any = None  # deployments.metrics.ServeMetrics, set by the ingress
 
     def count(self, pred: dict[str, Any], *, fallbacks: bool = True) -> None:
         """One more answer served (and a fallback, if it is one and `fallbacks` counts them)."""
@@ -63,6 +64,8 @@ class Predictions:
         """(prediction, cache hit or None) for one pair; raises ApiError only for bad input. A model
         answer on candles older than data.max_lag_bars says `stale: true`, `reason: "data"`."""
         pred, hit = await self._predict(pair, model_type, horizon, bypass)
+        if not bypass and self.metrics is not None:
+            self.metrics.lookup("predictions", hit)
         return with_data_lag(pred, now_ms(), self.tf, self.settings.data.max_lag_bars), hit
 
     async def _predict(self, pair: str, model_type: str, horizon: int | None, bypass: bool

@@ -29,6 +29,7 @@ class Launch:
     temp_dir: Path
     auth: dict[str, Any]
     dashboard_url: str
+    metrics_port: int = 0          # the head's --metrics-export-port (Prometheus; docs/metrics.md); 0: none
     # filled in by the steps
     redis_proc: subprocess.Popen | None = None
     redis_url: str = ""

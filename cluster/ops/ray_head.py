@@ -39,7 +39,7 @@ def head_env(opts: UpOptions, data_dir: Path, redis_url: str, auth: dict[str, An
 
 
 def ray_start(opts: UpOptions, temp_dir: Path, env: dict[str, str], log_path: Path, *,
-              client_port: int, agent_port: int) -> str:
+              client_port: int, agent_port: int, metrics_port: int | None = None) -> str:
     """`ray start --head`; returns the GCS address (host:port)."""
     num_cpus = opts.num_cpus or len(os.sched_getaffinity(0))
     cmd = [
@@ -50,6 +50,8 @@ def ray_start(opts: UpOptions, temp_dir: Path, env: dict[str, str], log_path: Pa
         f"--object-store-memory={int(opts.object_store_mb) * 1024 * 1024}", "--disable-usage-stats",
         "--log-style=record", "--log-color=false",
     ]
+    if metrics_port:  # Prometheus format on a fixed port (docs/metrics.md)
+        cmd.append(f"--metrics-export-port={metrics_port}")
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
@@ -84,12 +86,14 @@ def core_ray_processes(temp_dir: Path) -> dict[str, dict[str, int]]:
     return out
 
 
-def head_record(opts: UpOptions, temp_dir: Path, dashboard_url: str, client_port: int) -> dict[str, Any]:
+def head_record(opts: UpOptions, temp_dir: Path, dashboard_url: str, client_port: int,
+                metrics_port: int | None = None) -> dict[str, Any]:
     """The run-state entry of a head about to start (written before `ray start`, so a crash in it
     is still cleaned up by `down`)."""
     return {"port": opts.ray_port, "tempDir": str(temp_dir), "dashboardPort": opts.dashboard_port,
             "dashboardHost": opts.dashboard_host, "dashboardUrl": dashboard_url,
-            "clientPort": client_port, "address": None, "core": {}, "pids": {}}
+            "clientPort": client_port, "metricsPort": metrics_port,
+            "metricsUrl": f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, "address": None, "core": {}, "pids": {}}
 
 
 def started_record(temp_dir: Path, address: str) -> dict[str, Any]:

@@ -24,8 +24,10 @@ def status(*, live: bool = True, timeout_s: float = 30.0) -> dict[str, Any]:
     if state is None:
         return {"running": False, "dataDir": str(data_dir)}
     procs = state_processes(state)
+    ray_state = state.get("ray") or {}
     report: dict[str, Any] = {"running": any(procs.values()), "processes": procs, "state": state,
-                              "supervisor": state.get("supervisor")}
+                              "supervisor": state.get("supervisor"),
+                              "metrics": {"port": ray_state.get("metricsPort"), "url": ray_state.get("metricsUrl")}}
     if live and gcs_alive(state):
         report["live"] = _live_status(state, timeout_s)
     serve = state.get("serve") or {}
@@ -66,6 +68,8 @@ def format_status(report: dict[str, Any]) -> str:
     lines.append("  processes: " + ", ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in report["processes"].items()))
     ray_state = state.get("ray") or {}
     lines.append(f"  ray: {ray_state.get('address')}  dashboard {ray_state.get('dashboardUrl')}")
+    if ray_state.get("metricsUrl"):
+        lines.append(f"  metrics: {ray_state['metricsUrl']}")
     serve = state.get("serve") or {}
     if serve.get("deployed"):
         lines.append(f"  api: {serve['url']}  (ping {report.get('apiPing')})")

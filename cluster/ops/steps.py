@@ -45,9 +45,11 @@ def ray_head_step(launch: Launch) -> None:
     launch.settings = settings_fresh()
     launch.out(f"starting the Ray head (GCS port {opts.ray_port}, dashboard {launch.dashboard_url}, "
                f"auth {launch.auth['mode']})")
-    launch.record("ray", head_record(opts, launch.temp_dir, launch.dashboard_url, launch.client_port))
+    launch.record("ray", head_record(opts, launch.temp_dir, launch.dashboard_url, launch.client_port,
+                                     launch.metrics_port))
     address = ray_start(opts, launch.temp_dir, launch.env, launch.run / "ray-start.log",
-                        client_port=launch.client_port, agent_port=launch.agent_port)
+                        client_port=launch.client_port, agent_port=launch.agent_port,
+                        metrics_port=launch.metrics_port)
     launch.state["ray"].update(started_record(launch.temp_dir, address))
     launch.record()
 

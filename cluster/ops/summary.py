@@ -25,6 +25,9 @@ def print_summary(state: dict[str, Any], out: Printer = print) -> None:
     else:
         out(f"  API        not deployed ({serve.get('reason', 'unknown')})")
     out(f"  Dashboard  {dash}")
+    if ray_state.get("metricsUrl"):
+        out(f"  Metrics    {ray_state['metricsUrl']}   (Prometheus format, the service's as ray_tbml_*; "
+            "docs/metrics.md)")
     out(f"  Ray        {ray_state.get('address')}   (ray.init(address=...), "
         f"`ray start --address={ray_state.get('address')}` adds a worker node)")
     out(f"  Jobs       ray job submit --address {dash} -- python -m cluster.submit_training "

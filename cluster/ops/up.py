@@ -117,6 +117,11 @@ def prepare(opts: UpOptions, out: Printer) -> Launch:
     client_port = port_or_free(DEFAULT_CLIENT_PORT, taken)
     taken.add(client_port)
     agent_port = port_or_free(DEFAULT_AGENT_PORT, taken)
+    taken.add(agent_port)
+    metrics_port = port_or_free(int(settings.metrics.export_port), taken)  # docs/metrics.md
+    if metrics_port != settings.metrics.export_port:
+        out(f"metrics export port {settings.metrics.export_port} is in use; Ray exports on {metrics_port} "
+            "(choose one with TBML_METRICS__EXPORT_PORT)")
 
     auth = resolve_auth()
     apply_client_auth(auth)  # Ray reads RAY_AUTH_MODE once, when it is imported: set it first
@@ -124,7 +129,7 @@ def prepare(opts: UpOptions, out: Printer) -> Launch:
         opts=opts, out=out, settings=settings, data_dir=data_dir, run=run,
         state=new_state(data_dir, settings.namespace, auth, detach=opts.detach), serve=serve,
         redis_port=redis_port, redis_url_given=redis_url_given, client_port=client_port,
-        agent_port=agent_port, temp_dir=opts.head_temp_dir(), auth=auth,
+        agent_port=agent_port, metrics_port=metrics_port, temp_dir=opts.head_temp_dir(), auth=auth,
         dashboard_url=f"http://127.0.0.1:{opts.dashboard_port}",
     )
 
