@@ -47,6 +47,7 @@ REPLAY_SCAN = 20_000      # newest history records per pair read for a replay
 REPLAY_SINCE_MS = 60_000  # records are stamped after their event id was given: read a minute earlier
 HUB_SLACK_S = 10.0        # a long poll's own timeout plus this bounds the call
 _PAIR_RE = re.compile(PAIR_PATTERN)
+PAIRS_PATTERN = r"^[A-Za-z0-9]{2,15}(,[A-Za-z0-9]{2,15})*$"  # `?pairs=`: names (any case), comma-separated
 
 
 STREAM_DOC = {  # the OpenAPI text of the route
@@ -56,13 +57,15 @@ STREAM_DOC = {  # the OpenAPI text of the route
            "Last-Event-ID (header, or `lastEventId`), the missed events come first, from the stored history. "
            "The stream ends after stream.max_duration_s with a comment; reconnect with the last id.",
     "pairs": "comma-separated pairs to receive (default: every pair)",
-    "lastEventId": "the last event id received (EventSource sends it as the Last-Event-ID header, which wins)",
+    "lastEventId": "the last event id received, for clients that cannot set the Last-Event-ID header (which wins)",
+    "Last-Event-ID": "the last event id received (EventSource sends it when it reconnects): replay what came after",
 }
 
 
 def stream_responses() -> dict[int | str, dict[str, Any]]:
     """The 200 of the route as OpenAPI 3.2 describes a stream (`itemSchema`, one item per event; the
-    `data` line is JSON of the `PredictionEvent` schema)."""
+    `data` line is JSON of the `PredictionEvent` schema). `type: array` replaces the `type: string`
+    FastAPI gives a non-JSON response class (a stream is validated as the list of its events)."""
     data = PredictionEvent.model_json_schema(ref_template="#/components/schemas/{model}")
     data.pop("$defs", None)
     item = {"type": "object", "title": "PredictionEventMessage", "required": ["data"], "properties": {
@@ -72,7 +75,10 @@ def stream_responses() -> dict[int | str, dict[str, Any]]:
         "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
         "retry": {"type": "integer", "description": "reconnect delay in ms (the first message)"},
     }}
-    return {200: {"description": STREAM_DOC["200"], "content": {"text/event-stream": {"itemSchema": item}}}}
+    whole = {"type": "array", "description": "the stream as a sequence of events (OpenAPI 3.2: `schema` of a "
+                                             "sequential media type is the array, `itemSchema` one item)"}
+    return {200: {"description": STREAM_DOC["200"],
+                  "content": {"text/event-stream": {"schema": whole, "itemSchema": item}}}}
 
 
 class EventStream(StreamingResponse):
@@ -156,25 +162,15 @@ class PredictionStream:
 
     def parse(self, pairs: str | None, header_id: str | None, query_id: str | None
               ) -> tuple[list[str] | None, int | None]:
-        """(pairs or None for all, last event id or None): 422 for an unknown pair or a malformed id.
-        The header wins over the query: on a reconnect EventSource sends the newest id in the header
-        and the URL it first opened, with its old `lastEventId`."""
+        """(pairs or None for all, last event id or None). The route's patterns refuse malformed input
+        (422); an unknown pair is 404 `pair_not_found`, as everywhere in the API. The header wins over
+        the query: on a reconnect EventSource sends the newest id in the header and the URL it first
+        opened, with its old `lastEventId`."""
         wanted = None
         if pairs is not None:
-            names = [x.strip() for x in pairs.split(",")]
-            if not pairs.strip() or any(not x for x in names):
-                raise ApiError(422, "invalid_pairs", "pairs must be a comma-separated list of pairs, e.g. BTC,ETH",
-                               availablePairs=self.ing.params.known_pairs())
-            wanted = []
-            for name in names:
-                try:
-                    wanted.append(self.ing.params.pair(name))
-                except ApiError as exc:
-                    raise ApiError(422, "invalid_pairs", exc.message, **exc.extra) from None
-            wanted = sorted(set(wanted))
-        raw = header_id if header_id is not None and header_id.strip() else query_id
+            wanted = sorted({self.ing.params.pair(name) for name in pairs.split(",")})
         try:
-            last = parse_event_id(raw)
+            last = parse_event_id(header_id if header_id is not None else query_id)
         except ValueError as exc:
             raise ApiError(422, "invalid_event_id", str(exc)) from None
         return wanted, last

@@ -17,6 +17,7 @@ from typing import Any
 
 EVENT_NAME = "prediction"
 MAX_ID_DIGITS = 18  # epoch ms has 13; anything longer is not an id this service gave
+EVENT_ID_PATTERN = rf"^[0-9]{{1,{MAX_ID_DIGITS}}}$"  # Last-Event-ID / lastEventId as the HTTP API documents it
 
 
 def first_event_id(last_id: int | None, now_ms: int) -> int:
@@ -150,5 +151,5 @@ def replay(history: Iterable[dict[str, Any]], buffered: Iterable[dict[str, Any]]
     return out
 
 
-__all__ = ["EVENT_NAME", "EventBuffer", "event_ids", "first_event_id", "history_events", "parse_event_id",
-           "replay", "sse_comment", "sse_event", "sse_retry"]
+__all__ = ["EVENT_ID_PATTERN", "EVENT_NAME", "EventBuffer", "event_ids", "first_event_id", "history_events",
+           "parse_event_id", "replay", "sse_comment", "sse_event", "sse_retry"]
