@@ -36,6 +36,7 @@ from deployments.args import AppArgs
 from deployments.clients import ActorClients
 from deployments.errors import JSON, ApiError
 from deployments.history import HistoryBuffer
+from deployments.metrics import ServeMetrics
 from deployments.params import Params, short
 from deployments.predictions import Predictions
 from deployments.replica import apply_env, direct, replica_tag
@@ -163,6 +164,7 @@ class IngressImpl:
         self.predictions_ = Predictions(s, direct(predictor, self.args.handle_grpc),
                                         direct(features, self.args.handle_grpc), self.cache, self.snapshots,
                                         default_seq_len)
+        self.metrics_ = self.predictions_.metrics = ServeMetrics(s.metrics.enabled)  # deployments/metrics.py
 
         async def append(batch: list[dict]) -> None:
             await self.actors.storage_call("append_predictions", batch)
@@ -180,6 +182,8 @@ class IngressImpl:
 
     def _served(self, pair: str, pred: dict[str, Any], hit: Any, ts: int, *, fallbacks: bool = True) -> None:
         self.predictions_.count(pred, fallbacks=fallbacks)
+        self.metrics_.served(pair, pred, hit)
+        self.metrics_.redis(self.cache.degraded)
         self.history_.add(history_record(pair, pred, hit is not None, ts))
 
     async def _flush(self) -> None:
@@ -219,6 +223,7 @@ class IngressImpl:
         pred, hit = await self.predictions_.predict(p, mt, horizon, bypassCache or fresh)
         ts = now_ms()
         self._served(p, pred, hit, ts)
+        self.metrics_.latency("one", time.perf_counter() - t0)
         return JSON(prediction_body(p, pred, hit, time.perf_counter() - t0, ts))
 
     @app.get("/api/predictions", response_model=AllPredictionsResponse, tags=["predictions"],
@@ -236,6 +241,7 @@ class IngressImpl:
             pred, hit = (self.predictions_.failed(mt, res), None) if isinstance(res, BaseException) else res
             out[pair], cached[pair] = pred, hit is not None
             self._served(pair, pred, hit, ts, fallbacks=False)
+        self.metrics_.latency("all", time.perf_counter() - t0)
         return JSON({"predictions": out, "count": len(out), "timestamp": ts, "cached": cached,
                      "responseTime": round_ms(time.perf_counter() - t0)})
 
@@ -279,6 +285,7 @@ class IngressImpl:
     async def features_of(self, pair: str) -> JSON:
         p = self.params.pair(pair)
         block, hit = await self.predictions_.feature_row(p, self.default_model)
+        self.metrics_.lookup("features", hit)
         return JSON({"pair": p, "features": block, "timestamp": now_ms(), "cached": hit is not None})
 
     @app.get("/api/pairs", response_model=PairsResponse, tags=["predictions"],
