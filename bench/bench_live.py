@@ -507,11 +507,12 @@ def _close_results(m: dict, settings, seconds: float) -> list[BenchResult]:
             continue
         lat = list(got.values())
         v = percentile(lat, 50)
+        beyond = f"; {v - delay_s * 1000:.0f} ms of the p50 after the close delay (fetch, store, hub, compute)"
         out.append(BenchResult(
             SECTION, f"candle close -> {what} p50", v, "ms", anchor_name, anchor, "<= 1x anchor", v <= anchor,
             note=f"{len(got)} of the {closes} closes of {PAIR} in {seconds:.0f} s (a close overtaken by the next one "
                  f"before it was computed is not), p90 {percentile(lat, 90):.0f} ms, max {max(lat):.0f} ms; from "
-                 f"the bar's close time {how}"))
+                 f"the bar's close time {how}" + beyond))
         out.append(BenchResult(
             SECTION, share, 100 * len(got) / closes if closes else 0.0, "%",
             target="100%", ok=len(got) == closes,
