@@ -146,6 +146,8 @@ def test_new_candles_reach_the_store_and_the_next_prediction_without_a_restart(r
     btc = healthy["components"]["dataSource"]["pairs"][PAIR]
     assert btc["source"] == "exchange" and btc["lagBars"] <= MAX_LAG and btc["failures"] == 0, btc
     assert healthy["components"]["dataSource"]["sourceReachable"] is True
+    hub = run.svc.status()["live"]["feed"]["eventsHub"]  # the feed told the events hub of the closes
+    assert hub["notified"] >= 1 and set(hub["lastCloses"]) == {PAIR}, hub
 
 
 def test_exchange_down_shows_lag_and_error_predictions_stale_then_the_gap_is_backfilled(running):
