@@ -34,7 +34,9 @@ def start_feed(namespace: str, data_dir: str, pairs: list[str], interval_s: floa
     feed = get_or_create_feed(namespace, data_dir, pairs, interval_s)
     added = ray.get(feed.tick.remote(), timeout=timeout_s)
     status = ray.get(feed.status.remote(), timeout=60)
-    return {"source": status["source"], "intervalS": interval_s, "initialBarsAdded": added}
+    failing = {p: s["lastError"] for p, s in (status.get("byPair") or {}).items() if s.get("failures")}
+    return {"source": status["source"], "intervalS": interval_s, "initialBarsAdded": added,
+            "initialErrors": failing}
 
 
 def stop_actors(namespace: str | None) -> dict[str, str]:

@@ -65,10 +65,15 @@ def actors_step(launch: Launch) -> None:
 def feed_step(launch: Launch) -> None:
     """The market feed, and its first tick (the candles are current before training is queued)."""
     settings, opts = launch.settings, launch.opts
-    launch.out(f"starting the market feed ({settings.data.source}, every {opts.feed_interval_s:g}s) and "
+    launch.out(f"starting the market feed ({settings.data.source}, at each candle close, at the latest every "
+               f"{opts.feed_interval_s:g}s) and "
                f"bringing the candles of {', '.join(settings.pairs)} up to date")
-    launch.record("feed", start_feed(launch.namespace, str(launch.data_dir), list(settings.pairs),
-                                     opts.feed_interval_s, opts.timeout_s))
+    entry = start_feed(launch.namespace, str(launch.data_dir), list(settings.pairs), opts.feed_interval_s,
+                       opts.timeout_s)
+    launch.record("feed", entry)
+    for pair, error in (entry.get("initialErrors") or {}).items():  # it retries; health shows the lag
+        launch.out(f"  the market feed could not fetch {pair} yet ({error}); it retries every "
+                   f"{settings.data.feed.retry_s:g}s")
 
 
 def serve_step(launch: Launch) -> None:
