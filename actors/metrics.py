@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 EXPORT_PREFIX = "ray_"  # what Ray puts in front of every application metric in its export
+SIGNAL_VALUES = {"STRONG_BUY": 2.0, "BUY": 1.0, "HOLD": 0.0, "SELL": -1.0, "STRONG_SELL": -2.0}
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TRAINING_BUCKETS_S = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
@@ -49,6 +50,10 @@ CATALOG: tuple[MetricDef, ...] = (
     # -- the Serve replicas (the Ingress); Ray Serve adds deployment, replica and application labels
     MetricDef("tbml_predictions_total", COUNTER, ("pair", "model", "signal", "fallback", "cached"),
               "predictions served (each pair of GET /api/predictions counts once)", _SERVE),
+    MetricDef("tbml_prediction_probability", GAUGE, ("pair", "model"),
+              "P(up) of the newest model answer (not a fallback) this replica served", _SERVE),
+    MetricDef("tbml_prediction_signal", GAUGE, ("pair", "model"),
+              "signal of that answer: 2 STRONG_BUY, 1 BUY, 0 HOLD, -1 SELL, -2 STRONG_SELL", _SERVE),
     MetricDef("tbml_prediction_latency_seconds", HISTOGRAM, ("endpoint",),
               "time to answer a prediction request in the ingress (endpoint: one | all)", _SERVE,
               LATENCY_BUCKETS_S),
@@ -65,6 +70,8 @@ CATALOG: tuple[MetricDef, ...] = (
     MetricDef("tbml_live_brier", GAUGE, ("pair", "model"), "live Brier score of the production version", _ACT),
     MetricDef("tbml_live_baseline_brier", GAUGE, ("pair", "model"),
               "Brier score of always saying the reference (training) base rate on the same predictions", _ACT),
+    MetricDef("tbml_live_base_rate", GAUGE, ("pair", "model"),
+              "share of those resolved predictions whose price went up (the base rate)", _ACT),
     MetricDef("tbml_live_resolved", GAUGE, ("pair", "model"),
               "resolved predictions the live numbers are computed over (n)", _ACT),
     MetricDef("tbml_live_degraded", GAUGE, ("pair", "model"),
@@ -254,6 +261,7 @@ def record_live(pair: str, models: dict[str, dict[str, Any]], production: dict[s
             r.set("tbml_live_accuracy", entry.get("accuracy"), **tags)
             r.set("tbml_live_brier", entry.get("brier"), **tags)
             r.set("tbml_live_baseline_brier", entry.get("baselineBrier"), **tags)
+            r.set("tbml_live_base_rate", entry.get("baseRate"), **tags)
             r.set("tbml_live_resolved", entry.get("n") or 0, **tags)
             r.set("tbml_live_degraded", _flag(entry.get("degraded")), **tags)
         for mt, prod in production.items():
@@ -318,6 +326,7 @@ def record_supervisor(doc: Any) -> None:
     r.guard(go)
 
 
-__all__ = ["BY_NAME", "CATALOG", "COUNTER", "EXPORT_PREFIX", "GAUGE", "HISTOGRAM", "MetricDef", "Recorder",
+__all__ = ["BY_NAME", "CATALOG", "COUNTER", "EXPORT_PREFIX", "GAUGE", "HISTOGRAM", "SIGNAL_VALUES", "MetricDef",
+           "Recorder",
            "exported_names", "record_feed", "record_feed_of", "record_live", "record_queue", "record_storage",
            "record_supervisor", "record_training_run", "recorder"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.metrics import COUNTER, GAUGE, HISTOGRAM, Recorder
+from actors.metrics import COUNTER, GAUGE, HISTOGRAM, SIGNAL_VALUES, Recorder
 
 
 def _serve_factory(kind: str) -> Any:
@@ -28,8 +28,12 @@ class ServeMetrics:
 
     def served(self, pair: str, pred: dict[str, Any], hit: Any) -> None:
         """One prediction answered (each pair of GET /api/predictions counts once)."""
-        self.rec.inc("tbml_predictions_total", 1, pair=pair, model=pred.get("modelType") or "",
-                     signal=pred.get("signal") or "", fallback=bool(pred.get("fallback")), cached=hit is not None)
+        model, signal = pred.get("modelType") or "", pred.get("signal") or ""
+        self.rec.inc("tbml_predictions_total", 1, pair=pair, model=model, signal=signal,
+                     fallback=bool(pred.get("fallback")), cached=hit is not None)
+        if not pred.get("fallback"):
+            self.rec.set("tbml_prediction_probability", pred.get("probability"), pair=pair, model=model)
+            self.rec.set("tbml_prediction_signal", SIGNAL_VALUES.get(signal), pair=pair, model=model)
 
     def latency(self, endpoint: str, seconds: float) -> None:
         self.rec.observe("tbml_prediction_latency_seconds", seconds, endpoint=endpoint)
