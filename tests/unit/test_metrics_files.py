@@ -111,3 +111,24 @@ def test_docs_describe_every_metric(metric):
     assert metric.kind in row
     for label in metric.labels:
         assert f"`{label}`" in row, (metric.name, label)
+
+
+def test_a_failing_recording_is_swallowed_and_logged_once(caplog):
+    """Ray's own metric classes, outside a cluster: a wrong tag set raises in Ray; the recorder never
+    passes it on and says so once; disabled, it creates nothing."""
+    import logging
+
+    from actors.metrics import Recorder
+
+    rec = Recorder(enabled=True)
+    with caplog.at_level(logging.WARNING, logger="actors.metrics"):
+        rec.inc("tbml_training_runs_total", 1, model="lstm")  # no outcome: Ray refuses it
+        rec.inc("tbml_training_runs_total", 1, model="lstm")
+        rec.set("tbml_feed_lag_bars", 1, pair="BTC")
+        rec.guard(lambda: 1 / 0)
+    assert len(caplog.records) == 1 and "Missing value" in caplog.records[0].message
+
+    off = Recorder(enabled=False)
+    off.inc("tbml_predictions_total", 1, pair="BTC")
+    off.set("tbml_feed_lag_bars", 1, pair="BTC")
+    assert off._metrics == {}
