@@ -83,7 +83,7 @@ class MarketFeed:
         self._start()
         async with self._lock:  # the loop and explicit calls never write concurrently
             advanced = await asyncio.to_thread(self._feed.tick, None, force=force)
-        record_feed_of(self._feed)  # actors/metrics.py (never raises)
+            await asyncio.to_thread(record_feed_of, self._feed)  # actors/metrics.py (never raises)
         if advanced:
             closes = {p: self._feed.state[p].last_candle for p in advanced}
             self._notify({p: int(ts) for p, ts in closes.items() if ts is not None})
