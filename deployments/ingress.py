@@ -314,8 +314,9 @@ class IngressImpl:
             self, pairs: str | None = Query(None, max_length=2000, pattern=PAIRS_PATTERN,
                                             description=STREAM_DOC["pairs"]),
             lastEventId: str | None = Query(None, pattern=EVENT_ID_PATTERN, description=STREAM_DOC["lastEventId"]),
-            last_event_id: str | None = Header(None, alias="Last-Event-ID", pattern=EVENT_ID_PATTERN,
-                                               description=STREAM_DOC["Last-Event-ID"])) -> EventStream:
+            # `str`, not `str | None`: a header is absent or a string (no `null` in the document)
+            last_event_id: str = Header(None, alias="Last-Event-ID", pattern=EVENT_ID_PATTERN,
+                                        description=STREAM_DOC["Last-Event-ID"])) -> EventStream:
         wanted, last = self.stream_.parse(pairs, last_event_id, lastEventId)
         return await self.stream_.open(wanted, last)
 
