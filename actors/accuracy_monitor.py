@@ -6,8 +6,8 @@ A thin shell over `ml.evaluation.live` (the rules and the bookkeeping live there
 `live.resolve_interval_s` seconds, and on `tick()`, for each pair with prediction history:
 
 1. reads the records served since the last pass through the Storage actor's query;
-2. reads the candles their target bars need from the candle store (read-only; sources `synthetic`
-   and `files` -- with `core` there is no stored candle to resolve against, and the monitor idles);
+2. reads the candles their target bars need from the candle store (read-only; for every source, since
+   the market feed keeps the store current);
 3. writes `realizedClose, realizedDirection, correct, resolvedAt` into those records through the
    Storage actor (the single writer);
 4. computes the rolling numbers of the production version of every model type and stores them as
@@ -173,17 +173,14 @@ class AccuracyMonitorActor:
             t0 = time.perf_counter()
             summary: dict[str, Any] = {"source": self._source, "pairs": [], "resolved": {}, "degraded": [],
                                        "retrains": [], "errors": {}}
-            if self._source == "core":
-                summary["idle"] = "data source core: no stored candles to resolve against"
-            else:
-                storage = await self._storage_handle()
-                for pair in await self._pairs(storage):
-                    try:
-                        await self._pass(storage, pair, summary)
-                        summary["pairs"].append(pair)
-                    except Exception as exc:  # noqa: BLE001 - one pair must not starve the others
-                        summary["errors"][pair] = _describe(exc)
-                        log.warning("accuracy monitor: %s failed: %s", pair, summary["errors"][pair])
+            storage = await self._storage_handle()  # every source: the feed keeps the candle store current
+            for pair in await self._pairs(storage):
+                try:
+                    await self._pass(storage, pair, summary)
+                    summary["pairs"].append(pair)
+                except Exception as exc:  # noqa: BLE001 - one pair must not starve the others
+                    summary["errors"][pair] = _describe(exc)
+                    log.warning("accuracy monitor: %s failed: %s", pair, summary["errors"][pair])
             summary["durationMs"] = round((time.perf_counter() - t0) * 1000, 3)
             summary["timestamp"] = now_ms()
             self._ticks += 1

@@ -38,7 +38,7 @@ class Params:
         if time.monotonic() - self._pairs_at > PAIRS_REFRESH_S:
             self._pairs_at = time.monotonic()
             try:
-                stored = self.store.pairs() if self.settings.data.source != "core" else []
+                stored = self.store.pairs()
             except OSError:
                 stored = []
             configured = list(self.settings.pairs)
