@@ -24,7 +24,8 @@ What it does, all on this machine and torn down at the end (also on failure):
    beside `GET /api/ping` in the same run: p50 and throughput. A probe client beside the load reads
    every answer it gets: the share that were cache hits (`cached: true`), and the latency of the
    first answer after each close (a new `asOf`) against its other answers -- the request that pays
-   for a close, if anyone does.
+   for a close, if anyone does. Last (after 3.), the feed actor is stopped and the prediction route
+   is measured again the same way: what the closes themselves cost it, on the same cluster.
 3. **Close to prediction**, with no other load: for each close of BTC in a window, from the bar's
    close time (open ts + timeframe) to its prediction being in Redis (the ingress's cache key,
    polled every 2 ms, no client asking), and to its event reaching a subscriber of
@@ -365,6 +366,33 @@ def _steady_results(runs: dict) -> list[BenchResult]:
     return out
 
 
+def measure_quiet(port: int, seconds: float, rounds: int) -> dict:
+    """The prediction route again with the feed stopped (no closes), the probe beside it as before."""
+    from bench.bench_http import CONCURRENCY, _merge
+
+    out = {}
+    for c in CONCURRENCY:
+        parts = [_with_probe(port, "cached prediction", c, seconds / rounds, warmup=0.5) for _ in range(rounds)]
+        r = _merge([x[0] for x in parts])
+        out[c] = (r, _merge_probes([x[1] for x in parts]))
+        print(f"  prediction, no closes c={c:<3d} p50 {r.p50:7.2f} ms  {r.throughput:8.0f} req/s  errors {r.errors}",
+              flush=True)
+    return out
+
+
+def _quiet_results(runs: dict, quiet: dict) -> list[BenchResult]:
+    """What the closes cost the prediction route: the same load with and without them."""
+    out = []
+    for c, (r, p) in quiet.items():
+        live, _ = runs[("cached prediction", c)]
+        out.append(BenchResult(
+            SECTION, f"prediction p50 while candles close vs none, {c} client(s)", live.p50, "ms",
+            f"prediction p50 with the feed stopped (no closes), {c} client(s)", r.p50,
+            note=f"measured after the other figures on the same cluster; without closes: p99 {r.p99:.2f} ms, "
+                 f"{r.throughput:,.0f} req/s, n={r.n}, {r.errors + p.errors} errors, probe hits {p.hit_share:.1%}"))
+    return out
+
+
 def _wait_moving(port: int, timeout_s: float = 90.0) -> None:
     """Until two consecutive closes show up in the answers (the feed runs and the ingress follows)."""
     from bench.bench_http import ROUTES
@@ -618,7 +646,7 @@ def live_cluster():
             hub = True
         except Exception:  # noqa: BLE001 - no hub: the close figures say so
             hub = False
-        yield port, dict(info, redis_url=os.environ["TBML_REDIS_URL"], hub=hub), settings
+        yield port, dict(info, redis_url=os.environ["TBML_REDIS_URL"], hub=hub, feed=feed), settings
 
 
 def bench_live(quick: bool) -> list[BenchResult]:
@@ -632,6 +660,11 @@ def bench_live(quick: bool) -> list[BenchResult]:
         print(f"  closes {len(m['closes'])}, cached {len(m['cached'])}, delivered {len(m['delivered'])}, "
               f"stream error {m['stream_error']}", flush=True)
         results += _close_results(m, settings, close_s)
+        import ray
+
+        ray.kill(info["feed"], no_restart=True)  # no more closes: the same route, the same cluster
+        quiet = measure_quiet(port, seconds, rounds)
+        results += _quiet_results(runs, quiet)
     if not m["cached"] or not m["delivered"]:
         why = []
         if not m["cached"]:
