@@ -145,3 +145,62 @@ def test_summary_numbers_by_hand():
     assert s["equity"] == pytest.approx(float(np.prod([1 + t.net_return for t in closed])))
     assert s["feesPaid"] == 0.0 and 0.0 < s["exposure"] <= 1.0
     assert s["buyAndHold"]["totalReturn"] == pytest.approx(bars[-1].close / bars[0].close - 1)
+
+
+# ------------------------------------------------------------------------------------ live account
+
+
+def test_the_live_document_gives_the_backtests_trades_through_json():
+    """Closes one at a time through the stored JSON document (as the service does after each candle
+    close) give exactly the trades of the backtest on the same bars and forecasts."""
+    import json
+
+    from ml.simulation.live import advance, view
+
+    bars, forecasts = _path(200, seed=5)
+    cfg = SimConfig(tp_mult=1.5, sl_mult=1.0, fee_bps=10.0, slippage_bps=2.0)
+    backtest = simulate(bars, forecasts, cfg)
+    doc = None
+    for i, b in enumerate(bars):
+        f = forecasts[b.ts]
+        pred = {"signal": f.signal, "horizon": f.horizon, "probability": 0.6, "fallback": False}
+        seen = bars[max(0, i - 3):i + 1]  # the caller may pass bars seen before: they move nothing twice
+        doc, _ = advance(doc, "BTC", seen, pred, f.volatility, cfg, now=b.ts)
+        doc = json.loads(json.dumps(doc, allow_nan=False))  # what the Storage actor keeps
+    live = Simulator.from_state(doc["state"], cfg)
+    assert [t.to_dict() for t in live.trades] == [t.to_dict() for t in backtest.trades]
+    body = view(doc, "BTC", TF, cfg)
+    closed = [t for t in backtest.trades if not t.open]
+    assert body["stats"]["trades"] == len(closed) and body["stats"]["equity"] == pytest.approx(backtest.equity)
+    assert body["trades"][0] == closed[-1].to_dict()  # newest first
+    assert body["buyAndHold"]["totalReturn"] == pytest.approx(bars[-1].close / bars[0].close - 1)
+    assert body["since"] == bars[0].ts
+
+
+def test_a_fallback_opens_nothing_but_its_bar_still_moves_the_trade():
+    from ml.simulation.live import advance
+
+    cfg = NO_COSTS
+    doc, did = advance(None, "BTC", [bar(0, 100, 100.5, 99.5, 100)], {"signal": "BUY", "horizon": 2}, 0.02, cfg, 0)
+    assert did["opened"]["side"] == "LONG"
+    doc, did = advance(doc, "BTC", [bar(1, 100, 103.5, 99.9, 103)], {"fallback": True, "signal": "HOLD"}, 0.02,
+                       cfg, 1)
+    assert did["opened"] is None and did["closed"][0]["reason"] == "take_profit"
+    doc, did = advance(doc, "BTC", [bar(2, 103, 104, 102, 103.5)], {"fallback": True, "signal": "SELL"}, 0.02,
+                       cfg, 2)
+    assert did == {"closed": [], "opened": None}
+
+
+def test_the_live_document_stays_bounded(monkeypatch):
+    from ml.simulation import live
+
+    monkeypatch.setattr(live, "MAX_CURVE", 150)
+    monkeypatch.setattr(live, "MAX_TRADES", 5)
+    bars, forecasts = _path(live.MAX_CURVE + 100, seed=9)
+    doc = None
+    for b in bars:
+        f = forecasts[b.ts]
+        doc, _ = live.advance(doc, "BTC", [b], {"signal": f.signal, "horizon": 2}, 0.004, NO_COSTS, b.ts)
+    assert len(doc["closes"]) == live.MAX_CURVE and len(doc["state"]["curve"]) == live.MAX_CURVE
+    assert len(doc["state"]["trades"]) <= live.MAX_TRADES + 1
+    assert doc["state"]["bars"] == len(bars)  # the counters are all-time
