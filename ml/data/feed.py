@@ -183,14 +183,16 @@ class CandleFeed:
 
     # -- the sources -------------------------------------------------------------------------
     def _fetch(self, pair: str, now: int) -> int:
-        """Bring `pair` up to the last closed bar at `now`; returns the bars added to the store."""
+        """Bring `pair` up to `target(now)` (the last bar closed before the close delay); returns the bars
+        added to the store."""
         if self.source == "synthetic":
             return ensure_synthetic_history(pair, self.settings, self.store, now_ms=now)
         if self.source == "exchange":
             from ml.data.exchange import ensure_exchange_history
 
+            # up to the target, not to `now`: a bar inside the close delay may not be printed yet
             report = ensure_exchange_history(pair, self.settings, self.store, client=self.exchange_client(),
-                                             now_ms=now)
+                                             now_ms=now - self.delay_ms)
             if report.rejected:
                 n = sum(report.rejected.values())
                 self.state[pair].rejected += n
@@ -228,7 +230,7 @@ class CandleFeed:
             log.warning("market feed: %s: %d core row(s) rejected %s", pair, result.rejected_total,
                         result.summary()["rejected"])
         candles = result.candles
-        candles = candles[candles["ts"] <= last_closed_bar_ts(self.tf, now)]
+        candles = candles[candles["ts"] <= self.target(now)]
         return self.store.append(pair, candles) if len(candles) else 0
 
     def close(self) -> None:
