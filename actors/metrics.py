@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,8 @@ class Recorder:
         self._metrics: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._warned = False
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # last value per series
+        self._refresher: threading.Thread | None = None
 
     def _metric(self, name: str) -> Any:
         m = self._metrics.get(name)
@@ -173,12 +176,38 @@ class Recorder:
             self._failed(exc)
 
     def set(self, name: str, value: float | None, **tags: Any) -> None:
+        """Set a gauge; the value is set again every report interval until the next set (below)."""
         if not self.enabled or value is None:
             return
         try:
-            self._metric(name).set(float(value), tags=_tags(tags))
+            t, v = _tags(tags), float(value)
+            self._metric(name).set(v, tags=dict(t))
+            self._gauges[(name, tuple(sorted(t.items())))] = v
+            if self._refresher is None:
+                self._start_refresher()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def _start_refresher(self) -> None:
+        """Ray's agent drops a gauge series it has not heard of for two report intervals, and what a
+        process reports again on its own is not documented: a daemon thread sets every gauge series
+        of this process again each interval, so a value set once (a monitor pass, a feed tick) stays
+        in the export while the process lives and goes with it."""
+        with self._lock:
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh_loop, name="tbml-metrics-refresh",
+                                                   daemon=True)
+                self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        interval_s = _report_interval_s()
+        while True:
+            time.sleep(interval_s)
+            for (name, tags), value in list(self._gauges.items()):
+                try:
+                    self._metric(name).set(value, tags=dict(tags))
+                except Exception as exc:  # noqa: BLE001
+                    self._failed(exc)
 
     def observe(self, name: str, value: float | None, **tags: Any) -> None:
         if not self.enabled or value is None:
@@ -196,6 +225,16 @@ class Recorder:
             fn(*args)
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+
+def _report_interval_s() -> float:
+    """Ray's metrics report interval in this process (10 s unless configured), at least 1 s."""
+    try:
+        import ray
+
+        return max(1.0, ray._config.metrics_report_interval_ms() / 1000)
+    except Exception:  # noqa: BLE001 - outside a Ray process
+        return 10.0
 
 
 def _tags(tags: dict[str, Any]) -> dict[str, str]:

@@ -812,3 +812,102 @@ def test_status_page_in_headless_chromium(served):
     assert f"{served['base']}/api/predictions" in requests, requests
     assert all(u.startswith(served["base"]) for u in requests), requests  # nothing leaves the machine
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+
+
+# ============================================================================================ metrics
+
+
+def _scrape(port: int) -> dict[str, list]:
+    """Ray's Prometheus export of the session cluster, parsed by prometheus_client: sample name ->
+    samples (tbml_* only)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("ray_tbml_"):
+                out.setdefault(s.name, []).append(s)
+    return out
+
+
+def _values(samples: dict[str, list], name: str, **labels: str) -> list[float]:
+    return [s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_the_metrics_export_has_the_service_numbers(served, ray_cluster):
+    """After the predictions, the training run and the resolved outcomes above, Ray's metrics export
+    (the port `ray.init(_metrics_export_port=...)` fixed, as `tbml up` does) has every counter and
+    gauge of actors.metrics.CATALOG with its labels, and values that moved. The feed and the
+    supervisor document are the real actor paths: a market-feed actor ticks once and the supervisor's
+    document is published through the Storage actor as `tbml up` does."""
+    import ray
+
+    from actors.feed import get_or_create_feed
+    from actors.metrics import CATALOG, exported_names
+    from ml.serving.views import SUPERVISOR_DOCUMENT
+
+    c, storage, ns = served["client"], served["storage"], served["namespace"]
+    assert c.get("/api/predictions/SVA").status_code == 200  # cached by now
+    assert c.get("/api/predictions/SVA?bypassCache=true").status_code == 200  # not a lookup
+    assert c.get("/api/features/SVA").status_code == 200
+    assert c.get("/api/storage/stats").status_code == 200  # the Storage actor measures the data dir
+    doc = {"active": True, "mode": "foreground", "restarts": {"redis": 0, "feed": 2}, "down": ["feed"],
+           "gaveUp": [], "lastFailure": None}
+    ray.get(storage.put_document.remote(*SUPERVISOR_DOCUMENT, doc), timeout=60)
+    feed = get_or_create_feed(ns, str(served["data_dir"]), pairs=[LIVE], interval_s=3600,
+                              name=f"feed-metrics-{uuid.uuid4().hex[:8]}")
+    try:
+        ray.get(feed.tick.remote(), timeout=120)
+        wanted = set().union(*(exported_names(m) for m in CATALOG))
+
+        deadline = time.monotonic() + 60  # Ray reports every 2 s here (tests/conftest.py); a limit only
+        m = _scrape(ray_cluster["metrics_port"])
+        while not wanted <= set(m) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            m = _scrape(ray_cluster["metrics_port"])
+        assert wanted <= set(m), f"missing from Ray's export: {sorted(wanted - set(m))}"
+    finally:
+        with contextlib.suppress(Exception):
+            ray.kill(feed, no_restart=True)
+        with contextlib.suppress(Exception):
+            ray.get(storage.delete_document.remote(*SUPERVISOR_DOCUMENT), timeout=60)
+
+    served_sva = m["ray_tbml_predictions_total"]
+    sva = [s for s in served_sva if s.labels.get("pair") == "SVA" and s.labels.get("model") == "lstm"]
+    assert sva and {"signal", "fallback", "cached", "deployment", "replica", "application"} <= set(sva[0].labels)
+    assert sum(_values(m, "ray_tbml_predictions_total", pair="SVA", fallback="false", cached="true")) >= 1
+    assert sum(_values(m, "ray_tbml_predictions_total", pair="SVB", fallback="true")) >= 1  # no model
+    assert sum(_values(m, "ray_tbml_prediction_latency_seconds_count", endpoint="one")) >= 3
+    assert sum(_values(m, "ray_tbml_prediction_latency_seconds_count", endpoint="all")) >= 1
+    assert sum(_values(m, "ray_tbml_cache_hits_total", kind="predictions")) >= 1
+    assert sum(_values(m, "ray_tbml_cache_misses_total", kind="predictions")) >= 1
+    assert sum(_values(m, "ray_tbml_cache_hits_total", kind="features")) \
+        + sum(_values(m, "ray_tbml_cache_misses_total", kind="features")) >= 1
+    assert 0.0 in _values(m, "ray_tbml_redis_degraded")  # Redis is back (it was down in a test above)
+    assert all(0.0 <= v <= 1.0 for v in _values(m, "ray_tbml_prediction_probability", pair="SVA", model="lstm"))
+    assert set(_values(m, "ray_tbml_prediction_signal", pair="SVA", model="lstm")) <= {-2.0, -1.0, 0.0, 1.0, 2.0}
+    assert _values(m, "ray_tbml_prediction_signal", pair="SVA", model="lstm")
+    assert not _values(m, "ray_tbml_prediction_signal", pair="SVB")  # a fallback sets no signal
+
+    assert _values(m, "ray_tbml_live_resolved", pair=LIVE, model="lstm") == [2.0]
+    assert all(0.0 <= v <= 1.0 for v in _values(m, "ray_tbml_live_accuracy", pair=LIVE, model="lstm"))
+    assert _values(m, "ray_tbml_live_brier", pair=LIVE, model="lstm")
+    assert _values(m, "ray_tbml_live_baseline_brier", pair=LIVE, model="lstm")
+    assert _values(m, "ray_tbml_live_degraded", pair=LIVE, model="lstm") == [0.0]
+    assert max(_values(m, "ray_tbml_model_age_seconds", pair="SVA", model="lstm")) > 0
+
+    assert sum(_values(m, "ray_tbml_training_runs_total", model="lstm", outcome="completed")) >= 1
+    assert sum(_values(m, "ray_tbml_training_runs_total", model="lstm", outcome="cancelled")) >= 1
+    assert sum(_values(m, "ray_tbml_training_run_duration_seconds_count", model="lstm", outcome="completed")) >= 1
+    assert 0.0 in _values(m, "ray_tbml_training_queue_paused")  # resumed after the emergency stop
+    assert _values(m, "ray_tbml_training_queue_depth") and _values(m, "ray_tbml_training_queue_active")
+
+    end = int(served["store"].read(LIVE)["ts"].max())
+    assert end / 1000 in _values(m, "ray_tbml_feed_last_candle_timestamp_seconds", pair=LIVE)
+    assert 0.0 in _values(m, "ray_tbml_feed_lag_bars", pair=LIVE)
+    assert all(v >= 0 for v in _values(m, "ray_tbml_feed_lag_seconds", pair=LIVE))
+    assert max(_values(m, "ray_tbml_storage_bytes", category="candles")) > 0
+    assert 2.0 in _values(m, "ray_tbml_supervisor_restarts", piece="feed")
+    assert 1.0 in _values(m, "ray_tbml_supervisor_down", piece="feed")
