@@ -189,10 +189,10 @@ class Recorder:
             self._failed(exc)
 
     def _start_refresher(self) -> None:
-        """Ray's agent drops a gauge series it has not heard of for two report intervals, and what a
-        process reports again on its own is not documented: a daemon thread sets every gauge series
-        of this process again each interval, so a value set once (a monitor pass, a feed tick) stays
-        in the export while the process lives and goes with it."""
+        """Ray's agent drops a gauge series it has not heard of for two report intervals, and with Ray
+        2.60 a gauge set once leaves the export after ~20 s (docs/metrics.md): a daemon thread sets
+        every gauge series of this process again each interval, so a value set once (a monitor pass,
+        a feed tick) stays in the export while the process lives and goes with it."""
         with self._lock:
             if self._refresher is None:
                 self._refresher = threading.Thread(target=self._refresh_loop, name="tbml-metrics-refresh",
