@@ -68,7 +68,7 @@ class Service:
 
     def __init__(self, tmp_path: Path, *, auth: bool) -> None:
         taken: set[int] = set()
-        self.ports = {name: _free_port(taken) for name in ("http", "dashboard", "ray", "redis")}
+        self.ports = {name: _free_port(taken) for name in ("http", "dashboard", "ray", "redis", "metrics")}
         self.data_dir = tmp_path / "data"
         self.temp_dir = Path(f"/tmp/tbml-ray-{self.ports['ray']}")
         env = {k: v for k, v in os.environ.items()
@@ -76,6 +76,7 @@ class Service:
         env["TBML_DATA_DIR"] = str(self.data_dir)
         env["PYTHONPATH"] = str(REPO)
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env["TBML_METRICS__EXPORT_PORT"] = str(self.ports["metrics"])  # Ray's Prometheus export (docs/metrics.md)
         self.token_path = None
         if auth:
             env.pop("RAY_AUTH_MODE", None)  # the default for `make run`: token auth on
@@ -151,6 +152,7 @@ def _assert_started(svc: Service, proc: subprocess.CompletedProcess) -> dict:
         assert _alive(info["pid"], info["start"])
     out = proc.stdout
     assert f"http://127.0.0.1:{svc.ports['dashboard']}" in out  # dashboard URL (and the job-submit address)
+    assert f"Metrics    http://127.0.0.1:{svc.ports['metrics']}/metrics" in out
     assert "ray job submit --address" in out
     return state
 
@@ -249,6 +251,16 @@ def test_up_serves_feeds_and_down_leaves_nothing(service_factory, ray_cluster):
         time.sleep(0.5)
         feed2 = svc.status()["live"]["feed"]
     assert feed2["ticks"] > feed1["ticks"], (feed1, feed2)
+
+    # Ray's metrics export on the configured port (printed, in the status), with the feed's numbers
+    metrics_url = f"http://127.0.0.1:{svc.ports['metrics']}/metrics"
+    assert state["ray"]["metricsPort"] == svc.ports["metrics"] and first["metrics"]["url"] == metrics_url
+    deadline = time.monotonic() + 60  # Ray reports every 10 s by default; a limit, not a timing claim
+    code, body = _get(metrics_url)
+    while b"ray_tbml_feed_lag_bars{" not in body and time.monotonic() < deadline:
+        time.sleep(1)
+        code, body = _get(metrics_url)
+    assert code == 200 and b"ray_tbml_feed_lag_bars{" in body, (code, body[-500:])
     now_last = last_closed_bar_ts(tf)
     for pair in settings.pairs:
         assert feed2["coverage"][pair]["end"] >= now_last - tf, feed2["coverage"][pair]
