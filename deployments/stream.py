@@ -129,17 +129,23 @@ class PredictionStream:
         for pair, res in zip(pairs, results, strict=True):
             if isinstance(res, BaseException):
                 log.warning("close of %s: %s", pair, failure_cause(res))
-            else:
+            elif res is not None:
                 events.append(res)
         return events
 
-    async def _close_one(self, pair: str, candle_ts: int, event_id: int) -> dict[str, Any]:
+    async def _close_one(self, pair: str, candle_ts: int, event_id: int) -> dict[str, Any] | None:
+        """The event of `pair`'s close of the candle opening at `candle_ts`, or None when the store has
+        moved past it meanwhile (a late close: the newer candle's own close carries the event, so no
+        candle ever has two) or does not show it."""
         t0 = time.perf_counter()
         ing = self.ing
         snap = await ing.snapshots.get(pair, force=True)
         if snap.candle_ts is None or snap.candle_ts < candle_ts:  # the feed's write is visible by now
             await asyncio.sleep(0.2)
             snap = await ing.snapshots.get(pair, force=True)
+        if snap.candle_ts != candle_ts:
+            log.info("close of %s at %s: the store shows %s, no event", pair, candle_ts, snap.candle_ts)
+            return None
         jobs = [(mt, h) for mt in ing.model_types
                 for h in ing.snapshots.horizons(snap.production.get(mt))]
         results = await asyncio.gather(*(ing.predictions_.predict(pair, mt, h, False) for mt, h in jobs),

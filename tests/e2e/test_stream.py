@@ -11,12 +11,14 @@ for 1-second bars), a model of BTC trained before the start, and clients of
   then a cache hit;
 - a client that leaves and comes back with Last-Event-ID is replayed exactly the events it missed
   (more than the hub keeps in memory, so the older ones come from the stored history);
-- a malformed pair list or event id is a 422 JSON, an unknown pair a 404, before anything is streamed.
+- a malformed pair list or event id is a 422 JSON, an unknown pair a 404, before anything is streamed;
+- the events hub killed (its process; Ray restarts it): the stream goes on, ids keep growing.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -272,3 +274,45 @@ def test_a_bad_pair_or_event_id_is_an_error_before_the_stream(service):
         if len(events) >= 2 or kind == "end":
             break
     assert events and {e["data"]["pair"] for e in events} == {"ETH"}, events
+
+
+KILL_HUB = """
+import json, sys, time, ray
+ray.init(address=sys.argv[1], namespace="tbml", log_to_driver=False)
+hub = ray.get_actor("tbml-prediction-events")
+before = ray.get(hub.status.remote(), timeout=30)
+print(json.dumps(before))
+ray.kill(hub, no_restart=False)  # SIGKILL of its process; Ray restarts it
+deadline = time.monotonic() + 60
+while True:  # the kill is asynchronous: poll until the restarted process answers (it counts from 0)
+    try:
+        status = ray.get(ray.get_actor("tbml-prediction-events").status.remote(), timeout=5)
+    except Exception:
+        status = None
+    if status is not None and status["closes"] < before["closes"] or time.monotonic() > deadline:
+        print(json.dumps(status))
+        break
+    time.sleep(0.2)
+"""
+
+
+def test_a_killed_events_hub_is_restarted_and_the_stream_goes_on(service):
+    obs, svc = service["observer"], service["svc"]
+    _wait(lambda: obs.events, 30, "events before the kill")
+    last = obs.events[-1]["id"]
+    kill = subprocess.run([sys.executable, "-c", KILL_HUB, svc.state()["ray"]["address"]], cwd="/tmp",
+                          env=svc.env, capture_output=True, text=True, timeout=180)
+    assert kill.returncode == 0, kill.stderr[-2000:]
+    before, status = (json.loads(line) for line in kill.stdout.strip().splitlines()[-2:])
+    assert status is not None and status["closes"] < before["closes"], (before, status)  # a new process
+    _wait(lambda: len(obs.after(last)) >= 4 * len(PAIRS), 60, "events once the hub is back")
+    events = list(obs.events)
+    ids = [e["id"] for e in events]
+    assert ids == sorted(set(ids)), "ids keep growing across the restart (they follow the clock)"
+    for pair in PAIRS:
+        mine = [(e["id"], e["data"]["prediction"]["asOf"], e["data"]["timestamp"]) for e in events
+                if e["data"]["pair"] == pair]
+        times = [t for _, t, _ in mine]
+        assert times == sorted(set(times)), (pair, last, [m for m in mine if times.count(m[1]) > 1], mine[-12:])
+    assert not obs.errors, obs.errors
+    print(f"\nhub restarted: {len(obs.after(last))} events since the kill; status before {before}, after {status}")
