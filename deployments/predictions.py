@@ -59,20 +59,21 @@ class Predictions:
         return fallback_prediction(model_type=model_type, version=None, horizon=self.settings.labels.horizons[0],
                                    reason=f"prediction failed: {failure_cause(exc)}")
 
-    async def predict(self, pair: str, model_type: str, horizon: int | None, bypass: bool
-                      ) -> tuple[dict[str, Any], Any]:
+    async def predict(self, pair: str, model_type: str, horizon: int | None, bypass: bool,
+                      snap: PairSnapshot | None = None) -> tuple[dict[str, Any], Any]:
         """(prediction, cache hit or None) for one pair; raises ApiError only for bad input. A model
-        answer on candles older than data.max_lag_bars says `stale: true`, `reason: "data"`."""
-        pred, hit = await self._predict(pair, model_type, horizon, bypass)
+        answer on candles older than data.max_lag_bars says `stale: true`, `reason: "data"`. `snap`:
+        predict on this snapshot instead of the pair's current one (a close being computed)."""
+        pred, hit = await self._predict(pair, model_type, horizon, bypass, snap)
         if not bypass and self.metrics is not None:
             self.metrics.lookup("predictions", hit)
         return with_data_lag(pred, now_ms(), self.tf, self.settings.data.max_lag_bars), hit
 
-    async def _predict(self, pair: str, model_type: str, horizon: int | None, bypass: bool
-                       ) -> tuple[dict[str, Any], Any]:
+    async def _predict(self, pair: str, model_type: str, horizon: int | None, bypass: bool,
+                       snap: PairSnapshot | None = None) -> tuple[dict[str, Any], Any]:
         from ml.cache.keys import CacheKind, cache_key
 
-        snap = await self.snapshots.get(pair)
+        snap = snap or await self.snapshots.get(pair)
         prod = snap.production.get(model_type)
         version = prod.version if prod else None
         horizons = self.snapshots.horizons(prod)

@@ -8,6 +8,7 @@ and the production version of every model type (pointer + metadata on the shared
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -47,10 +48,14 @@ class Snapshots:
         self.interval_s = float(interval_s)
         self.default_horizons = [int(h) for h in default_horizons]
         self._snaps: dict[str, PairSnapshot] = {}
+        self._held: dict[str, PairSnapshot] = {}  # answered while the pair's new close is computed
         self._tasks: dict[str, asyncio.Task] = {}
         self._meta: OrderedDict[tuple[str, str, str], dict] = OrderedDict()
 
     async def get(self, pair: str, *, force: bool = False) -> PairSnapshot:
+        held = self._held.get(pair)
+        if held is not None and not force:
+            return held
         snap = self._snaps.get(pair)
         if snap is not None and not force and time.monotonic() - snap.at < self.interval_s:
             return snap
@@ -61,6 +66,19 @@ class Snapshots:
         snap = await asyncio.shield(task)
         self._snaps[pair] = snap
         return snap
+
+    @contextlib.asynccontextmanager
+    async def holding(self, pair: str):
+        """While the block runs, requests keep the pair's current snapshot (a forced `get` inside the
+        block reads the new one): a closed candle becomes visible to them only once its predictions
+        are cached, so the first request after a close is a cache hit, not a wait for the compute."""
+        current = self._snaps.get(pair)
+        if current is not None:
+            self._held[pair] = current
+        try:
+            yield
+        finally:
+            self._held.pop(pair, None)
 
     def invalidate(self, pair: str) -> None:
         self._snaps.pop(pair, None)

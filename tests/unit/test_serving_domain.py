@@ -185,6 +185,34 @@ def test_snapshot_reads_production_through_the_registry_reader_and_caches_meta()
     assert a is b and c is not a
 
 
+def test_a_close_being_computed_stays_invisible_to_requests_until_the_block_ends(tmp_path):
+    """`Snapshots.holding`: requests keep the pair's current candle while its new close is computed on
+    a forced snapshot; after the block they see the new one (so their first answer is cached)."""
+    from ml.data.store import CandleStore
+    from ml.data.synthetic import generate_candles
+
+    store = CandleStore(tmp_path, "5m")
+    from ml.data.synthetic import ORIGIN_TS
+
+    end = ORIGIN_TS + 400 * TF
+    candles = generate_candles("BTC", 300, seed=1, end_ts=end, timeframe_ms=TF)
+    store.write("BTC", candles.iloc[:-1])
+    snaps = Snapshots(store, _Reader(), ["lstm"], TF, live_source=False, interval_s=0.0, default_horizons=[5])
+
+    async def scenario():
+        before = await snaps.get("BTC")
+        store.append("BTC", candles.iloc[-1:])
+        async with snaps.holding("BTC"):
+            new = await snaps.get("BTC", force=True)
+            seen = await snaps.get("BTC")
+        after = await snaps.get("BTC")
+        return before, new, seen, after
+
+    before, new, seen, after = asyncio.run(scenario())
+    assert before.candle_ts == end - TF and new.candle_ts == end
+    assert seen is before and after.candle_ts == end
+
+
 def test_pair_view_shows_production_and_coverage():
     reader = _Reader()
     snaps = Snapshots(_Store(), reader, ["lstm"], TF, live_source=False, interval_s=60.0, default_horizons=[5])
