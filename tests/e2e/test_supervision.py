@@ -90,7 +90,7 @@ class Clients(threading.Thread):
                     continue
                 self.ok += 1
                 if path == PATHS[0]:
-                    pred = json.loads(body)
+                    pred = json.loads(body)["prediction"]
                     if pred.get("fallback"):
                         self.fallbacks.append(str(pred.get("reason"))[:200])
             self.stopping.wait(0.05)
