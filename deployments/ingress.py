@@ -63,11 +63,13 @@ from deployments.schemas import (
     QueueResponse,
     RollbackBody,
     SaveResponse,
+    SimulationResponse,
     StorageStatsResponse,
     TrainAccepted,
     TrainBody,
     VersionsResponse,
 )
+from deployments.simulations import Simulations
 from deployments.status import StatusReports
 from deployments.stream import PAIRS_PATTERN, STREAM_DOC, EventStream, PredictionStream, stream_responses
 from ml.clock import now_ms
@@ -178,6 +180,7 @@ class IngressImpl:
                                     model_types=self.model_types, tag=replica_tag(), namespace=self.namespace,
                                     version=app.version)
         self.stream_ = PredictionStream(self)
+        self.simulations = Simulations(s, self.store, self.reader, self.actors)
         self.stream_.attach()  # tell the events hub (if there is one yet) which app this is
 
     def _served(self, pair: str, pred: dict[str, Any], hit: Any, ts: int, *, fallbacks: bool = True) -> None:
@@ -256,6 +259,11 @@ class IngressImpl:
                                               self.actors.storage_call("count_predictions", p))
         return JSON({"pair": p, "predictions": records, "count": len(records), "totalCount": total,
                      "timestamp": now_ms()})
+
+    @app.get("/api/simulations/{pair}", response_model=SimulationResponse, responses={**E404, **E503},
+             tags=["predictions"], summary="The live simulated account that trades on each close's prediction")
+    async def simulation(self, pair: str) -> JSON:
+        return JSON(await self.simulations.view(self.params.pair(pair)))
 
     @app.get("/api/predictions/{pair}/accuracy", response_model=AccuracyResponse,
              responses={**E404, **E422, **E503},

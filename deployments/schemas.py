@@ -146,6 +146,34 @@ class PredictionEvent(PredictionResponse):
     the body of GET /api/predictions/{pair} when the pair's candle closed."""
 
 
+class SimulationStats(_Out):
+    trades: int = Field(description="closed simulated trades kept (the newest 500)")
+    winRate: float | None
+    equity: float = Field(description="account value, starting at 1.0, net of fees and slippage")
+    totalReturn: float
+    sharpe: float | None = Field(description="annualised for the timeframe (every bar of the year)")
+    maxDrawdown: float
+    exposure: float = Field(description="share of bars in a position")
+    feesPaid: float
+    bars: int
+
+
+class SimulationResponse(_Out):
+    """GET /api/simulations/{pair}: the live simulated account that follows the predictions made at each
+    candle close (docs/evaluation.md, "Simulated trading")."""
+
+    pair: str
+    open: dict[str, Any] | None = Field(description="the open trade (side, entry, takeProfit, stopLoss, ...)")
+    trades: list[dict[str, Any]] = Field(description="the newest closed trades, newest first")
+    stats: SimulationStats
+    buyAndHold: dict[str, Any] | None = Field(description="buying and holding over the same bars")
+    equityCurve: list[dict[str, Any]]
+    since: int | None = Field(description="open time of the first bar the account saw (epoch ms)")
+    updatedAt: int | None
+    config: dict[str, Any]
+    timestamp: int
+
+
 class AllPredictionsResponse(_Out):
     predictions: dict[str, Prediction]
     count: int

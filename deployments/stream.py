@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 REPLAY_SCAN = 20_000      # newest history records per pair read for a replay
 REPLAY_SINCE_MS = 60_000  # records are stamped after their event id was given: read a minute earlier
-HUB_SLACK_S = 10.0        # a long poll's own timeout plus this bounds the call
+HUB_SLACK_S = 10.0
+SIMULATION_TIMEOUT_S = 10.0  # the account's Storage round trips after a close        # a long poll's own timeout plus this bounds the call
 _PAIR_RE = re.compile(PAIR_PATTERN)
 PAIRS_PATTERN = r"^[A-Za-z0-9]{2,15}(,[A-Za-z0-9]{2,15})*$"  # `?pairs=`: names (any case), comma-separated
 
@@ -139,17 +140,18 @@ class PredictionStream:
         candle ever has two) or does not show it."""
         t0 = time.perf_counter()
         ing = self.ing
-        snap = await ing.snapshots.get(pair, force=True)
-        if snap.candle_ts is None or snap.candle_ts < candle_ts:  # the feed's write is visible by now
-            await asyncio.sleep(0.2)
+        async with ing.snapshots.holding(pair):  # requests see the new candle once it is cached
             snap = await ing.snapshots.get(pair, force=True)
-        if snap.candle_ts != candle_ts:
-            log.info("close of %s at %s: the store shows %s, no event", pair, candle_ts, snap.candle_ts)
-            return None
-        jobs = [(mt, h) for mt in ing.model_types
-                for h in ing.snapshots.horizons(snap.production.get(mt))]
-        results = await asyncio.gather(*(ing.predictions_.predict(pair, mt, h, False) for mt, h in jobs),
-                                       return_exceptions=True)
+            if snap.candle_ts is None or snap.candle_ts < candle_ts:  # the feed's write is visible by now
+                await asyncio.sleep(0.2)
+                snap = await ing.snapshots.get(pair, force=True)
+            if snap.candle_ts != candle_ts:
+                log.info("close of %s at %s: the store shows %s, no event", pair, candle_ts, snap.candle_ts)
+                return None
+            jobs = [(mt, h) for mt in ing.model_types
+                    for h in ing.snapshots.horizons(snap.production.get(mt))]
+            results = await asyncio.gather(*(ing.predictions_.predict(pair, mt, h, False, snap) for mt, h in jobs),
+                                           return_exceptions=True)
         default = (ing.default_model, ing.snapshots.horizons(snap.production.get(ing.default_model))[0])
         res = results[jobs.index(default)]
         if isinstance(res, BaseException):
@@ -162,6 +164,11 @@ class PredictionStream:
         body = prediction_body(pair, pred, hit, time.perf_counter() - t0, ts)
         ing.predictions_.count(pred)
         ing.history_.add(history_record(pair, pred, hit is not None, ts, event_id=event_id, event_data=body))
+        try:  # the pair's simulated account trades on this close (deployments.simulations)
+            await asyncio.wait_for(ing.simulations.on_close(pair, candle_ts, pred), SIMULATION_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the event goes out; the account catches up next close
+            ing.simulations.failures += 1
+            log.warning("simulated account of %s at %s: %s", pair, candle_ts, failure_cause(exc))
         return {"id": event_id, "pair": pair, "data": body}
 
     # ================================================================================ the stream

@@ -316,3 +316,37 @@ def test_a_killed_events_hub_is_restarted_and_the_stream_goes_on(service):
         assert times == sorted(set(times)), (pair, last, [m for m in mine if times.count(m[1]) > 1], mine[-12:])
     assert not obs.errors, obs.errors
     print(f"\nhub restarted: {len(obs.after(last))} events since the kill; status before {before}, after {status}")
+
+
+KILL_STORAGE = """
+import sys, ray
+ray.init(address=sys.argv[1], namespace="tbml", log_to_driver=False)
+ray.kill(ray.get_actor("tbml-storage"), no_restart=False)  # SIGKILL of its process; Ray restarts it
+"""
+
+
+def test_the_simulated_account_trades_on_the_closes_and_survives_a_storage_restart(service):
+    """GET /api/simulations/{pair}: the account that the predictions made at each close trade with
+    (ml.simulation) moves on every close; after a SIGKILL of the Storage actor (which keeps it in
+    training/{PAIR}/simulation.json) it carries on from where it was, not from an empty account."""
+    from deployments.schemas import SimulationResponse
+
+    base, svc = service["base"], service["svc"]
+    pair = PAIRS[0]
+
+    def account(min_bars: int):
+        code, body = _get(f"{base}/api/simulations/{pair}", timeout=30)
+        if code != 200:
+            return None
+        doc = SimulationResponse.model_validate_json(body)
+        return doc if doc.stats.bars >= min_bars else None
+
+    first = _wait(lambda: account(3), 60, "the simulated account after three closes")
+    assert first.since is not None and first.updatedAt is not None
+    assert first.config["feeBps"] >= 0 and first.buyAndHold is not None
+    kill = subprocess.run([sys.executable, "-c", KILL_STORAGE, svc.state()["ray"]["address"]], cwd="/tmp",
+                          env=svc.env, capture_output=True, text=True, timeout=180)
+    assert kill.returncode == 0, kill.stderr[-2000:]
+    later = _wait(lambda: account(first.stats.bars + 3), 90, "the account moving on after the Storage restart")
+    assert later.since == first.since  # the same account, continued
+    assert later.stats.bars >= first.stats.bars + 3
