@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ for p in (str(REPO), str(HERE), str(REPO / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from polling import wait_for  # noqa: E402
 from standins.binance import StandIn, kline  # noqa: E402
 from test_up_down import Service, _get  # noqa: E402 - the shared `tbml` harness
 
@@ -42,20 +42,6 @@ FEED_ENV = {  # 1 s candles; a feed that asks soon after a close and retries qui
     "TBML_DATA__EXCHANGE__TIMEOUT_S": "2", "TBML_DATA__FEED__CLOSE_DELAY_S": "0.2",
     "TBML_DATA__FEED__RETRY_S": "0.5", "TBML_DATA__MAX_LAG_BARS": str(MAX_LAG),
 }
-
-
-def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except Exception as exc:  # noqa: BLE001 - keep polling; report the last failure
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval_s)
-    pytest.fail(f"{what}: not within {timeout_s:.0f}s (last: {str(last)[:800]})")
 
 
 def _pretrain(data_dir: Path, end_ts: int) -> str:
@@ -115,7 +101,7 @@ def running(tmp_path_factory):
         proc = svc.up()
         assert proc.returncode == 0, f"tbml up failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         run = Running(svc, stand_in, version)
-        _wait(lambda: _get(run.base + "/api/ping")[0] == 200, 60, "the API answers")
+        wait_for(lambda: _get(run.base + "/api/ping")[0] == 200, 60, "the API answers")
         run.start = start
         yield run
     finally:
@@ -133,15 +119,15 @@ def test_new_candles_reach_the_store_and_the_next_prediction_without_a_restart(r
     assert first["asOf"] == start + TF  # the close of the newest candle the exchange served
 
     run.stand_in.serve_until = start + 3 * TF  # three more candles are printed
-    _wait(lambda: run.store().coverage(PAIR)["end"] == start + 3 * TF, 30, "the feed to store the new candles")
-    p = _wait(lambda: (p := run.predict())["asOf"] == start + 4 * TF and p, 30, "a prediction on the new candle")
+    wait_for(lambda: run.store().coverage(PAIR)["end"] == start + 3 * TF, 30, "the feed to store the new candles")
+    p = wait_for(lambda: (p := run.predict())["asOf"] == start + 4 * TF and p, 30, "a prediction on the new candle")
     assert not p["fallback"] and p["modelVersion"] == run.version
 
     run.stand_in.serve_until = None  # the exchange follows the clock again
-    fresh = _wait(lambda: (p := run.predict())["stale"] is False and p, 30, "a prediction on current candles")
+    fresh = wait_for(lambda: (p := run.predict())["stale"] is False and p, 30, "a prediction on current candles")
     assert fresh.get("reason") != "data", fresh
     assert run.stand_in.hits["/api/v3/exchangeInfo"] == 1  # one kept client: markets loaded once
-    healthy = _wait(lambda: (h := run.health())["components"]["dataSource"]["status"] == "healthy" and h, 30,
+    healthy = wait_for(lambda: (h := run.health())["components"]["dataSource"]["status"] == "healthy" and h, 30,
                     "dataSource healthy")
     btc = healthy["components"]["dataSource"]["pairs"][PAIR]
     assert btc["source"] == "exchange" and btc["lagBars"] <= MAX_LAG and btc["failures"] == 0, btc
@@ -164,23 +150,23 @@ def test_exchange_down_shows_lag_and_error_predictions_stale_then_the_gap_is_bac
 
     from deployments.schemas import DataSourceHealth
 
-    h = _wait(down_seen, 60, "health to show the lag and the error")
+    h = wait_for(down_seen, 60, "health to show the lag and the error")
     src = h["components"]["dataSource"]
     DataSourceHealth.model_validate(src)
     assert src["status"] == "degraded" and src["sourceReachable"] is False and PAIR in src["failingPairs"], src
     assert "ExchangeUnavailableError" in src["pairs"][PAIR]["lastError"], src["pairs"][PAIR]
-    stale = _wait(lambda: (p := run.predict())["stale"] and p, 30, "predictions stale on old candles")
+    stale = wait_for(lambda: (p := run.predict())["stale"] and p, 30, "predictions stale on old candles")
     assert stale["reason"] == "data" and not stale["fallback"] and stale["modelVersion"] == run.version, stale
     assert stale["asOf"] <= stopped_end + 10 * TF
     gap_end = run.store().coverage(PAIR)["end"]
 
     run.stand_in.start()  # back on the same port
-    _wait(lambda: run.store().coverage(PAIR)["end"] >= gap_end + 3 * TF, 30, "the gap backfilled")
+    wait_for(lambda: run.store().coverage(PAIR)["end"] >= gap_end + 3 * TF, 30, "the gap backfilled")
     ts = run.store().read(PAIR)["ts"].to_numpy()
     assert np.all(np.diff(ts) == TF), "the store misses bars or is out of order"
     assert ts[0] == run.start - 1499 * TF
-    _wait(lambda: run.predict()["stale"] is False, 30, "fresh predictions again")
-    _wait(lambda: run.health()["components"]["dataSource"]["status"] == "healthy", 30, "dataSource healthy")
+    wait_for(lambda: run.predict()["stale"] is False, 30, "fresh predictions again")
+    wait_for(lambda: run.health()["components"]["dataSource"]["status"] == "healthy", 30, "dataSource healthy")
     assert set(run.answers[before:]) == {200}  # no request failed
 
 
@@ -194,9 +180,9 @@ def test_files_source_predictions_say_stale_data(running):
     svc.env.update(TBML_DATA__SOURCE="files")
     proc = svc.up()
     assert proc.returncode == 0, f"tbml up failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    _wait(lambda: _get(run.base + "/api/ping")[0] == 200, 60, "the API answers")
+    wait_for(lambda: _get(run.base + "/api/ping")[0] == 200, 60, "the API answers")
     end = run.store().coverage(PAIR)["end"]
-    p = _wait(lambda: (p := run.predict())["stale"] and p, 30, "a stale prediction")
+    p = wait_for(lambda: (p := run.predict())["stale"] and p, 30, "a stale prediction")
     assert p["reason"] == "data" and not p["fallback"] and p["asOf"] == end + TF, p
     src = run.health()["components"]["dataSource"]
     assert src["type"] == "files" and src["status"] == "degraded" and src["pairs"][PAIR]["lagBars"] > MAX_LAG, src

@@ -50,7 +50,8 @@ for p in (str(REPO), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from test_supervision import _pretrain, _wait  # noqa: E402 - the shared `tbml` harness
+from polling import wait_for  # noqa: E402
+from test_supervision import _pretrain  # noqa: E402 - the shared `tbml` harness
 from test_up_down import Service, _free_port, _get  # noqa: E402
 
 PAIR = "BTC"
@@ -219,12 +220,12 @@ def test_a_worker_node_takes_replicas_and_training_and_its_loss_fails_no_request
         base = f"http://127.0.0.1:{p['http']}"
         cluster = Cluster(f"http://127.0.0.1:{p['dashboard']}")
         (head,) = [n for n in cluster.nodes() if n.state == "ALIVE"]
-        first = _wait(lambda: _prediction(base), 60, "a first model answer")
+        first = wait_for(lambda: _prediction(base), 60, "a first model answer")
         assert first["modelVersion"] == version, first
 
         # ---- the worker node joins like a real one
         _start_worker(svc, state, worker_temp, tmp_path / "ray-worker.log")
-        nodes = _wait(lambda: [n for n in cluster.nodes() if n.state == "ALIVE" and n.node_id != head.node_id],
+        nodes = wait_for(lambda: [n for n in cluster.nodes() if n.state == "ALIVE" and n.node_id != head.node_id],
                       60, "the worker node to join")
         worker = nodes[0].node_id
         assert not nodes[0].is_head_node and nodes[0].resources_total.get("CPU") == WORKER_CPUS
@@ -235,7 +236,7 @@ def test_a_worker_node_takes_replicas_and_training_and_its_loss_fails_no_request
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         _serve_deploy(svc, _serve_config(svc.data_dir / "run" / "serve_config.yaml", tmp_path / "serve-3.yaml",
                                          predictors=3))
-        placed = _wait(lambda: (lambda r: r if len(r) == 3 else None)(cluster.predictors()), 120,
+        placed = wait_for(lambda: (lambda r: r if len(r) == 3 else None)(cluster.predictors()), 120,
                        "3 Predictor replicas")
         print(f"head {head.node_id}, worker {worker}; Predictor replicas before the kill: {placed}")
         assert set(placed.values()) == {head.node_id, worker}, (placed, head.node_id, worker)
@@ -258,20 +259,20 @@ def test_a_worker_node_takes_replicas_and_training_and_its_loss_fails_no_request
         # ---- the worker node dies under load
         hammer = Hammer(base)
         hammer.start()
-        _wait(lambda: hammer.ok >= 20, 60, "clients answered before the kill")
+        wait_for(lambda: hammer.ok >= 20, 60, "clients answered before the kill")
         lost = {a for a, n in placed.items() if n == worker}
         killed_at = time.monotonic()
         killed = _kill_node(worker_temp)
         assert killed
-        _wait(lambda: any(n.node_id == worker and n.state == "DEAD" for n in cluster.nodes()), 90,
+        wait_for(lambda: any(n.node_id == worker and n.state == "DEAD" for n in cluster.nodes()), 90,
               "the head to declare the worker node dead")
         dead_s = time.monotonic() - killed_at
-        back = _wait(lambda: (lambda r: r if len(r) == 3 and set(r.values()) == {head.node_id} else None)(
+        back = wait_for(lambda: (lambda r: r if len(r) == 3 and set(r.values()) == {head.node_id} else None)(
             cluster.predictors()), 120, "3 Predictor replicas on the head")
         back_s = time.monotonic() - killed_at  # printed for the docs, never asserted
         assert not (set(back) & lost), (back, lost)
         ok_at_recovery = hammer.ok
-        _wait(lambda: hammer.ok >= ok_at_recovery + 20, 60, "clients answered after the recovery")
+        wait_for(lambda: hammer.ok >= ok_at_recovery + 20, 60, "clients answered after the recovery")
         hammer.stop()
         print(f"clients: {hammer.ok} answers, {len(hammer.failures)} failures, {len(hammer.fallbacks)} fallbacks "
               f"{sorted(set(hammer.fallbacks))[:3]}; replicas after the kill: {back}; node dead after "

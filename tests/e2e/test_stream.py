@@ -34,6 +34,7 @@ for p in (str(REPO), str(HERE), str(REPO / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from polling import wait_for  # noqa: E402
 from standins.binance import StandIn, kline  # noqa: E402
 from test_up_down import Service, _get  # noqa: E402 - the shared `tbml` harness
 
@@ -70,17 +71,6 @@ def _pretrain(data_dir: Path, end_ts: int) -> str:
         version = Registry(storage).register("BTC", result)["version"]
         storage.set_production("BTC", "lstm", version, "test fixture")
     return version
-
-
-def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)
-    pytest.fail(f"{what}: not within {timeout_s:.0f}s (last: {str(last)[:800]})")
 
 
 def read_stream(url: str, *, last_id: str | None = None, stop=None, timeout_s: float = 20.0):
@@ -179,7 +169,7 @@ def service(tmp_path_factory):
 
 def test_one_event_per_pair_per_close_with_the_served_prediction(service):
     obs, base = service["observer"], service["base"]
-    _wait(lambda: all(sum(e["data"]["pair"] == p for e in obs.events) >= 8 for p in PAIRS), 120,
+    wait_for(lambda: all(sum(e["data"]["pair"] == p for e in obs.events) >= 8 for p in PAIRS), 120,
           "events of both pairs on the stream")
     events = list(obs.events)
     ids = [e["id"] for e in events]
@@ -205,12 +195,12 @@ def test_one_event_per_pair_per_close_with_the_served_prediction(service):
             return None  # the next candle closed in between: try the next event
         return last, served
 
-    event, served = _wait(same_as_served, 60, "a GET answering the candle of the newest event", interval_s=0.05)
+    event, served = wait_for(same_as_served, 60, "a GET answering the candle of the newest event", interval=0.05)
     assert served["prediction"] == event["data"]["prediction"], (served, event)
     assert served["cached"] is True and event["data"]["cached"] is False, (served, event)
 
     assert obs.heartbeats >= 1, "heartbeats between closes"
-    _wait(lambda: obs.clean_ends >= 1, 3 * MAX_DURATION_S, "a stream ended by the server")
+    wait_for(lambda: obs.clean_ends >= 1, 3 * MAX_DURATION_S, "a stream ended by the server")
     assert obs.connections >= 2 and not obs.errors, (obs.connections, obs.errors)
     # observed, not asserted: candle close (asOf) -> event delivered, live events only (not replays)
     import numpy as np
@@ -231,7 +221,7 @@ def test_a_reconnect_with_last_event_id_replays_exactly_the_missed_ones(service)
     first = next(v for kind, v in read_stream(url) if kind == "event")  # then the client goes away
     gone = first["id"]
     # more closes than the hub keeps (TBML_STREAM__BUFFER_EVENTS): the older ones are in the history only
-    _wait(lambda: len(obs.after(gone)) >= 10, 60, "closes while the client is away")
+    wait_for(lambda: len(obs.after(gone)) >= 10, 60, "closes while the client is away")
     missed = obs.after(gone)
     got = []
     for kind, value in read_stream(url, last_id=str(gone)):
@@ -298,14 +288,14 @@ while True:  # the kill is asynchronous: poll until the restarted process answer
 
 def test_a_killed_events_hub_is_restarted_and_the_stream_goes_on(service):
     obs, svc = service["observer"], service["svc"]
-    _wait(lambda: obs.events, 30, "events before the kill")
+    wait_for(lambda: obs.events, 30, "events before the kill")
     last = obs.events[-1]["id"]
     kill = subprocess.run([sys.executable, "-c", KILL_HUB, svc.state()["ray"]["address"]], cwd="/tmp",
                           env=svc.env, capture_output=True, text=True, timeout=180)
     assert kill.returncode == 0, kill.stderr[-2000:]
     before, status = (json.loads(line) for line in kill.stdout.strip().splitlines()[-2:])
     assert status is not None and status["closes"] < before["closes"], (before, status)  # a new process
-    _wait(lambda: len(obs.after(last)) >= 4 * len(PAIRS), 60, "events once the hub is back")
+    wait_for(lambda: len(obs.after(last)) >= 4 * len(PAIRS), 60, "events once the hub is back")
     events = list(obs.events)
     ids = [e["id"] for e in events]
     assert ids == sorted(set(ids)), "ids keep growing across the restart (they follow the clock)"
@@ -341,12 +331,12 @@ def test_the_simulated_account_trades_on_the_closes_and_survives_a_storage_resta
         doc = SimulationResponse.model_validate_json(body)
         return doc if doc.stats.bars >= min_bars else None
 
-    first = _wait(lambda: account(3), 60, "the simulated account after three closes")
+    first = wait_for(lambda: account(3), 60, "the simulated account after three closes")
     assert first.since is not None and first.updatedAt is not None
     assert first.config["feeBps"] >= 0 and first.buyAndHold is not None
     kill = subprocess.run([sys.executable, "-c", KILL_STORAGE, svc.state()["ray"]["address"]], cwd="/tmp",
                           env=svc.env, capture_output=True, text=True, timeout=180)
     assert kill.returncode == 0, kill.stderr[-2000:]
-    later = _wait(lambda: account(first.stats.bars + 3), 90, "the account moving on after the Storage restart")
+    later = wait_for(lambda: account(first.stats.bars + 3), 90, "the account moving on after the Storage restart")
     assert later.since == first.since  # the same account, continued
     assert later.stats.bars >= first.stats.bars + 3

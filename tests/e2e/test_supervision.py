@@ -31,6 +31,7 @@ for p in (str(REPO), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from polling import wait_for  # noqa: E402
 from test_up_down import Service, _alive, _get, _port_free  # noqa: E402 - the shared `tbml` harness
 
 PAIR = "BTC"
@@ -40,18 +41,6 @@ SUPERVISOR_ENV = {  # a Redis outage long enough to be seen; actors checked ofte
     "TBML_SUPERVISOR__BACKOFF_INITIAL_S": "4",
     "TBML_SUPERVISOR__ACTOR_CHECK_INTERVAL_S": "2",
 }
-
-
-def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.3):
-    """Poll `predicate` until it returns something truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)
-    pytest.fail(f"{what}: not within {timeout_s:.0f}s (last: {str(last)[:800]})")
 
 
 def _pretrain(data_dir: Path) -> str:
@@ -143,12 +132,12 @@ def running(tmp_path_factory):
     fg = Foreground(svc)
     clients = None
     try:
-        _wait(lambda: fg.proc.poll() is not None or "Press Ctrl-C" in fg.log(), 400, "tbml up started")
+        wait_for(lambda: fg.proc.poll() is not None or "Press Ctrl-C" in fg.log(), 400, "tbml up started")
         assert fg.proc.poll() is None, fg.log()
         state = svc.state()
         assert state["mode"] == "foreground" and state["serve"]["deployed"], state
         assert _get(f"{fg.base}/api/ping")[0] == 200
-        _wait(lambda: fg.health().get("status") == "healthy", 120, "health healthy after the start")
+        wait_for(lambda: fg.health().get("status") == "healthy", 120, "health healthy after the start")
         clients = Clients(fg.base)
         clients.start()
         yield svc, fg, clients
@@ -164,24 +153,24 @@ def test_sigkill_of_redis_degrades_then_the_supervisor_restarts_it(running):
     state = svc.state()
     old = state["redis"]
     assert state["supervisor"]["active"] and state["supervisor"]["restarts"]["redis"] == 0
-    _wait(lambda: clients.ok >= 6, 120, "clients served before the fault")
+    wait_for(lambda: clients.ok >= 6, 120, "clients served before the fault")
     served_before = clients.ok
 
     t_kill = time.monotonic()
     os.kill(old["pid"], signal.SIGKILL)
-    degraded = _wait(lambda: (h := fg.health()).get("status") == "degraded" and h, 30,
-                     "health degraded without Redis", interval_s=0.1)
+    degraded = wait_for(lambda: (h := fg.health()).get("status") == "degraded" and h, 30,
+                     "health degraded without Redis", interval=0.1)
     assert degraded["components"]["redis"]["status"] == "degraded", degraded["components"]["redis"]
     assert degraded["supervisor"]["active"], degraded["supervisor"]
     t_degraded = time.monotonic()
-    _wait(lambda: clients.ok >= served_before + 6, 60, "clients served while Redis is down")
+    wait_for(lambda: clients.ok >= served_before + 6, 60, "clients served while Redis is down")
 
-    new = _wait(lambda: (r := (svc.state() or {}).get("redis") or {}).get("pid") not in (None, old["pid"])
+    new = wait_for(lambda: (r := (svc.state() or {}).get("redis") or {}).get("pid") not in (None, old["pid"])
                 and r, 120, "the supervisor restarted Redis")
     t_restarted = time.monotonic()
     assert new["port"] == old["port"] == svc.ports["redis"] and _alive(new["pid"], new["start"])
     assert not _alive(old["pid"], old["start"])
-    healthy = _wait(lambda: (h := fg.health()).get("status") == "healthy" and h, 60,
+    healthy = wait_for(lambda: (h := fg.health()).get("status") == "healthy" and h, 60,
                     "health healthy again once Redis is back")
     t_healthy = time.monotonic()
     print(f"\nredis outage (observed, not asserted): degraded after {t_degraded - t_kill:.1f}s, restarted after "
@@ -193,8 +182,8 @@ def test_sigkill_of_redis_degrades_then_the_supervisor_restarts_it(running):
     import redis as redis_client
 
     fresh = redis_client.Redis(host="127.0.0.1", port=new["port"], socket_timeout=2)
-    _wait(lambda: fresh.dbsize() > 0, 60, "cache entries in the restarted Redis")
-    sup = _wait(lambda: (s := fg.health()["supervisor"])["restarts"].get("redis") == 1 and s, 60,
+    wait_for(lambda: fresh.dbsize() > 0, 60, "cache entries in the restarted Redis")
+    sup = wait_for(lambda: (s := fg.health()["supervisor"])["restarts"].get("redis") == 1 and s, 60,
                 "health counts the Redis restart")
     assert sup["lastFailure"]["piece"] == "redis" and "SIGKILL" in sup["lastFailure"]["reason"], sup
 
@@ -206,7 +195,7 @@ def test_sigkill_of_redis_degrades_then_the_supervisor_restarts_it(running):
     assert report["processes"]["redis"], report["processes"]
     assert "supervisor: redis failed (killed by SIGKILL" in fg.log() and "supervisor: redis restarted" in fg.log()
 
-    _wait(lambda: clients.ok >= served_before + 12, 60, "clients served after the restart")
+    wait_for(lambda: clients.ok >= served_before + 12, 60, "clients served after the restart")
     assert not clients.failures, clients.failures[:10]
     assert not clients.fallbacks, clients.fallbacks[:10]
 
@@ -229,11 +218,11 @@ def test_killed_feed_and_monitor_actors_are_recreated(running):
         now = r["supervisor"]["restarts"]
         return now["feed"] == restarts["feed"] + 1 and now["monitor"] == restarts["monitor"] + 1 and r
 
-    after = _wait(recreated, 120, "the supervisor recreated the feed and the monitor")
+    after = wait_for(recreated, 120, "the supervisor recreated the feed and the monitor")
     assert after["supervisor"]["lastFailure"]["piece"] in ("feed", "monitor"), after["supervisor"]
     assert "error" not in after["live"]["monitor"], after["live"]["monitor"]
     # the new feed actor answers and ticks
-    _wait(lambda: (svc.status()["live"].get("feed") or {}).get("ticks", 0) >= 1, 60, "the recreated feed ticks")
+    wait_for(lambda: (svc.status()["live"].get("feed") or {}).get("ticks", 0) >= 1, 60, "the recreated feed ticks")
     log = fg.log()
     assert "supervisor: feed restarted" in log and "supervisor: monitor restarted" in log, log[-3000:]
     assert not clients.failures, clients.failures[:10]
@@ -243,7 +232,7 @@ def test_still_serving_then_the_loss_of_the_ray_head_ends_the_run(running):
     svc, fg, clients = running
     assert fg.proc.poll() is None, fg.log()
     served = clients.ok
-    _wait(lambda: clients.ok >= served + 3, 60, "clients still served")
+    wait_for(lambda: clients.ok >= served + 3, 60, "clients still served")
     assert _get(f"{fg.base}/api/ping")[0] == 200
     assert fg.health()["status"] == "healthy"
     clients.stop()
@@ -262,6 +251,6 @@ def test_still_serving_then_the_loss_of_the_ray_head_ends_the_run(running):
     assert code == 1, fg.log()[-3000:]
     assert "the Ray head is gone: its GCS (gcs_server) exited" in fg.log()
     assert svc.state() is None
-    _wait(lambda: not any(_alive(p, s) for p, s in procs.items()), 30, "every process stopped")
+    wait_for(lambda: not any(_alive(p, s) for p, s in procs.items()), 30, "every process stopped")
     for name, port in svc.ports.items():
         assert _port_free(port), f"{name} port {port} still answers after the run ended"

@@ -21,13 +21,12 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from polling import free_port, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -39,27 +38,6 @@ BARS = 1200
 TINY = {"bars": 600, "seq_len": 8, "hidden": 8, "batch_size": 256, "patience": 1}
 EXAMPLES_PER_OPERATION = 12
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = predicate()
-        except Exception as exc:  # noqa: BLE001 - keep polling; report the last failure
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +57,7 @@ def fuzz_app(ray_cluster, redis_server, tmp_path_factory):
         redis_server.start()
     CandleStore(data_dir, "5m").write(PAIR, synthetic_candles(PAIR, bars=BARS))
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from ray.serve.context import _get_global_client
 
@@ -98,7 +76,7 @@ def fuzz_app(ray_cluster, redis_server, tmp_path_factory):
     serve.run(spec["app"], name=APP, route_prefix="/", logging_config=spec["logging_config"])
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, timeout=60)
-    _wait_for(lambda: client.get("/api/ping").status_code == 200, 120, "the HTTP proxy")
+    wait_for(lambda: client.get("/api/ping").status_code == 200, 120, "the HTTP proxy", retry_errors=True)
     try:
         yield {"base": base, "client": client, "data_dir": data_dir, "namespace": ns, "queue_name": queue_name}
     finally:

@@ -21,12 +21,11 @@ staying flat. Measured on 2 cores: ~457 MB after the first pass, +6 MB over the 
 from __future__ import annotations
 
 import contextlib
-import socket
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from polling import free_port, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -37,27 +36,6 @@ BARS = 1200
 MORE_PASSES = 3
 HIDDEN = 256  # ~1.5 MB of weights per model: keeping the models an LRU should drop would show in RSS
 RSS_GROWTH_BOUND_MB = 32.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = predicate()
-        except Exception as exc:  # noqa: BLE001 - keep polling; report the last failure
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
 
 
 def _rss_mb(pid: int) -> float:
@@ -106,7 +84,7 @@ def many(ray_cluster, redis_server, tmp_path_factory):
     ray.get([storage.save_model_version.remote(p, "lstm", version, meta, files) for p in PAIRS[1:]], timeout=120)
     ray.get([storage.set_production.remote(p, "lstm", version, "test: 50 pairs") for p in PAIRS], timeout=120)
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from ray.serve.context import _get_global_client
 
@@ -121,7 +99,7 @@ def many(ray_cluster, redis_server, tmp_path_factory):
     serve.run(spec["app"], name=APP, route_prefix="/", logging_config=spec["logging_config"])
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, timeout=60)
-    _wait_for(lambda: client.get("/api/ping").status_code == 200, 120, "the HTTP proxy")
+    wait_for(lambda: client.get("/api/ping").status_code == 200, 120, "the HTTP proxy", retry_errors=True)
     try:
         yield {"client": client, "version": version, "namespace": ns, "storage": storage,
                "weights_mb": len(files["weights.pt"]) / 2**20}

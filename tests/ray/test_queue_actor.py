@@ -12,23 +12,13 @@ import time
 import uuid
 
 import pytest
+from polling import wait_for
 
 pytestmark = pytest.mark.ray
 
 TINY = {"bars": 1500, "seq_len": 8, "hidden": 8, "batch_size": 256, "patience": 500}
 FAILS = {"bars": 300, "seq_len": 500}  # "too few rows": raised by the real pipeline
 LONG = 500  # epochs: far longer than any test waits, so only a cancel ends it
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def holds_for(predicate, seconds: float, interval: float = 0.2, what: str = "condition") -> None:

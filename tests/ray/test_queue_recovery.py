@@ -19,22 +19,12 @@ import time
 import uuid
 
 import pytest
+from polling import wait_for
 
 pytestmark = pytest.mark.ray
 
 TINY = {"bars": 1500, "seq_len": 8, "hidden": 8, "batch_size": 256, "patience": 500}
 EPOCHS = 120  # long enough for a kill mid-run, short enough to finish in seconds
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import functools
 import time
 import uuid
 
 import pytest
+from polling import free_port, wait_for
 
 pytestmark = pytest.mark.ray
+_wait_for = functools.partial(wait_for, retry_errors=True)  # the app may still be starting
 
 TOKEN = "serve-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,27 +43,6 @@ FAST_AUTOSCALING = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = predicate()
-        except Exception as exc:  # noqa: BLE001 - keep polling; report the last failure
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
-
-
 def ingress_sees_candle(client, pair: str, candle_ts: int, timeout: float = 15.0) -> None:
     """Wait until the ingress's snapshot of `pair` ends with the candle opening at `candle_ts` (it
     re-reads the candle store at most every snapshot_interval_s)."""
@@ -69,7 +50,7 @@ def ingress_sees_candle(client, pair: str, candle_ts: int, timeout: float = 15.0
         by = {p["pair"]: p for p in _json(client.get("/api/pairs"))["pairs"]}
         return ((by.get(pair) or {}).get("coverage") or {}).get("end") == candle_ts
 
-    wait_for(seen, timeout, interval=0.05, what=f"the ingress to see the {pair} candle {candle_ts}")
+    _wait_for(seen, timeout, interval=0.05, what=f"the ingress to see the {pair} candle {candle_ts}")
 
 
 class _ActorStorage:
@@ -140,7 +121,7 @@ def served(ray_cluster, redis_server):
         "num_workers": 1, "cpus_per_worker": 0.5, "max_attempts": 1}, name=queue_name)
     ray.get(queue.ping.remote(), timeout=120)
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # If an earlier module left Serve running, its proxy keeps the port it was started with.
     from ray.serve.context import _get_global_client
@@ -159,7 +140,7 @@ def served(ray_cluster, redis_server):
     serve.run(spec["app"], name=APP, route_prefix="/", logging_config=spec["logging_config"])
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, timeout=60)
-    wait_for(lambda: client.get("/api/ping").status_code == 200, 120, what="the HTTP proxy")
+    _wait_for(lambda: client.get("/api/ping").status_code == 200, 120, what="the HTTP proxy")
     ctx = {"base": base, "port": port, "client": client, "data_dir": data_dir, "store": store, "v1": v1,
            "v2": v2, "storage": storage, "queue": queue, "queue_name": queue_name, "namespace": ns,
            "redis": redis_server, "monitor_name": monitor_name}
@@ -311,7 +292,7 @@ def test_prediction_is_real_cached_and_recomputed_on_new_candle_and_new_version(
     h0 = hits()
     for _ in range(5):
         assert _json(c.get("/api/predictions/SVA"))["cached"] is True
-    wait_for(lambda: hits() >= h0 + 5, 30, what="5 more prediction hits in the shared counters")
+    _wait_for(lambda: hits() >= h0 + 5, 30, what="5 more prediction hits in the shared counters")
 
 
 def now_plus(seconds: float) -> int:
@@ -466,7 +447,7 @@ def test_training_over_http_queue_duplicate_cooldown_cancel_emergency_stop(serve
         j = _json(c.get(f"/api/training/job/{job_id}"))["job"]
         return j if j["status"] in ("completed", "failed", "cancelled") else None
 
-    done = wait_for(finished, 240, interval=1.0, what=f"training job {job_id}")
+    done = _wait_for(finished, 240, interval=1.0, what=f"training job {job_id}")
     assert done["status"] == "completed", done
     assert done["progress"]["epoch"] == done["progress"]["totalEpochs"] == 1
 
@@ -600,7 +581,7 @@ def test_predictor_autoscales_up_under_load_and_back_down(served):
     import httpx
     from ray import serve
 
-    assert wait_for(lambda: _replicas(APP, "Predictor") == 1, 60, what="1 predictor replica at rest")
+    assert _wait_for(lambda: _replicas(APP, "Predictor") == 1, 60, what="1 predictor replica at rest")
     stop = False
     errors: list[str] = []
     peak = 0
@@ -634,7 +615,7 @@ def test_predictor_autoscales_up_under_load_and_back_down(served):
     assert not errors, errors[:3]
     stats = [serve.get_deployment_handle("Predictor", APP).stats.remote().result(timeout_s=30) for _ in range(6)]
     assert max(s["maxBatch"] for s in stats) > 1, stats  # concurrent requests were batched
-    assert wait_for(lambda: _replicas(APP, "Predictor") == 1, 90, interval=0.5,
+    assert _wait_for(lambda: _replicas(APP, "Predictor") == 1, 90, interval=0.5,
                     what="the predictor to scale back to 1 replica")
 
 
@@ -658,7 +639,7 @@ def test_redis_down_keeps_answering_degraded_then_healthy_again(served):
         assert _json(h)["components"]["redis"]["status"] == "degraded"
     finally:
         redis.start()
-    wait_for(lambda: _json(c.get("/api/health"))["status"] == "healthy", 30, interval=0.5,
+    _wait_for(lambda: _json(c.get("/api/health"))["status"] == "healthy", 30, interval=0.5,
              what="health to be healthy again")
     assert c.get("/api/predictions/SVA").status_code == 200
 
@@ -693,7 +674,7 @@ def test_served_predictions_resolve_after_the_horizon_and_the_accuracy_endpoint_
         return _json(r) if r.status_code == 200 else None
 
     # not configured: the ingress finds the pair in the candle store (it re-lists it every few seconds)
-    first = PredictionResponse.model_validate(wait_for(predict, 30, what=f"{LIVE} to be served")).prediction
+    first = PredictionResponse.model_validate(_wait_for(predict, 30, what=f"{LIVE} to be served")).prediction
     assert not first.fallback and first.modelVersion == v1, first
     assert first.asOf == end + TF and first.targetTime == end + 6 * TF
     assert _json(c.get(f"/api/predictions/{LIVE}"))["cached"] is True  # the same prediction, served again
@@ -712,7 +693,7 @@ def test_served_predictions_resolve_after_the_horizon_and_the_accuracy_endpoint_
 
     # the feed catches up with the clock; one pass of the monitor the ingress created
     assert feed.tick()[LIVE] >= 10
-    monitor = wait_for(lambda: ray.get_actor(served["monitor_name"], namespace=served["namespace"]), 30,
+    monitor = _wait_for(lambda: ray.get_actor(served["monitor_name"], namespace=served["namespace"]), 30,
                        what="the accuracy monitor (created by the ingress)")
     hist = HistoryResponse.model_validate(_json(c.get(f"/api/predictions/{LIVE}/history")))  # flushes history
     assert hist.count == served_n
