@@ -28,6 +28,7 @@ import ray
 
 from ml.clock import now_ms
 from ml.serving.events import EventBuffer, event_ids, first_event_id
+from ml.serving.prediction import failure_cause
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,6 @@ EVENTS_ACTOR_NAME = "tbml-prediction-events"
 COMPUTE_TIMEOUT_S = 60.0  # one close of every pair, every model type and horizon
 MAX_WAIT_S = 60.0         # longest long poll of `after`
 DEFAULT_APP = "tbml"      # serve_config.yaml's application, until an ingress attaches
-
-
-def _describe(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
 
 
 class PredictionEventsHub:
@@ -91,7 +86,7 @@ class PredictionEventsHub:
                 events = await asyncio.wait_for(self._compute(closes, first_id), self._compute_timeout_s)
             except Exception as exc:  # noqa: BLE001 - logged; the next close goes on
                 self.failures += 1
-                self.last_error = _describe(exc)
+                self.last_error = failure_cause(exc)
                 self._handle = None  # a new handle next time (the app may have been redeployed)
                 log.warning("computing the close of %s failed: %s", ", ".join(sorted(closes)), self.last_error)
                 continue

@@ -4,6 +4,7 @@ fetch from its own origin only, so it works offline and nothing it shows leaves 
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from starlette.responses import Response
@@ -13,6 +14,11 @@ CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline
        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+@cache
+def _page() -> bytes:
+    return PAGE_FILE.read_bytes()  # once per replica: the file ships with the code
+
+
 def status_page() -> Response:
-    return Response(PAGE_FILE.read_bytes(), media_type="text/html; charset=utf-8",
+    return Response(_page(), media_type="text/html; charset=utf-8",
                     headers={"Cache-Control": "no-cache", "Content-Security-Policy": CSP})

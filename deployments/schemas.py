@@ -163,7 +163,7 @@ class SimulationResponse(_Out):
     candle close (docs/evaluation.md, "Simulated trading")."""
 
     pair: str
-    open: dict[str, Any] | None = Field(description="the open trade (side, entry, takeProfit, stopLoss, ...)")
+    open: dict[str, Any] | None = Field(description="the open trade (side, entry, take_profit, stop_loss, ...)")
     trades: list[dict[str, Any]] = Field(description="the newest closed trades, newest first")
     stats: SimulationStats
     buyAndHold: dict[str, Any] | None = Field(description="buying and holding over the same bars")

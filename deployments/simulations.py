@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ml.clock import now_ms
-from ml.evaluation.trading import VOL_WINDOW, trailing_volatility
+from ml.evaluation.trading import VOL_WINDOW, bars_from, trailing_volatility
 from ml.simulation.live import DOCUMENT, advance, view
-from ml.simulation.trades import Bar, SimConfig
+from ml.simulation.trades import SimConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,7 @@ class Simulations:
         candles = candles[candles["ts"] <= int(candle_ts)]
         if candles.empty:
             return {"closed": [], "opened": None}
-        rows = candles if last is not None else candles.iloc[-1:]
-        bars = [Bar(int(t), float(o), float(h), float(lo), float(c)) for t, o, h, lo, c in
-                zip(rows["ts"], rows["open"], rows["high"], rows["low"], rows["close"], strict=True)
-                if last is None or int(t) > int(last)]
+        bars = bars_from(candles, int(last) + 1 if last is not None else int(candles["ts"].iloc[-1]))
         vol = trailing_volatility(candles["close"].to_numpy(), horizon)[-1]
         doc, did = advance(doc, pair, bars, prediction, float(vol) if np.isfinite(vol) else None, self.config,
                            now_ms())

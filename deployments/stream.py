@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 REPLAY_SCAN = 20_000      # newest history records per pair read for a replay
 REPLAY_SINCE_MS = 60_000  # records are stamped after their event id was given: read a minute earlier
-HUB_SLACK_S = 10.0
-SIMULATION_TIMEOUT_S = 10.0  # the account's Storage round trips after a close        # a long poll's own timeout plus this bounds the call
+HUB_SLACK_S = 10.0        # a long poll's own timeout plus this bounds the call
+SIMULATION_TIMEOUT_S = 10.0  # the account's Storage round trips after a close
 _PAIR_RE = re.compile(PAIR_PATTERN)
 PAIRS_PATTERN = r"^[A-Za-z0-9]{2,15}(,[A-Za-z0-9]{2,15})*$"  # `?pairs=`: names (any case), comma-separated
 
