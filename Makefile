@@ -46,8 +46,17 @@ chromium:
 		exit 1; \
 	fi
 
+# The unit tier (CPU-bound, no Ray) runs beside the Ray and end-to-end tiers, which mostly wait on
+# clusters, timers and processes; its output follows theirs. Either tier failing fails the target.
+UNIT_LOG := tests/artifacts/unit-tier.log
 test: setup
-	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q --timeout=900
+	@mkdir -p $(dir $(UNIT_LOG))
+	@$(VENV)/bin/pytest -q --timeout=900 tests/unit > $(UNIT_LOG) 2>&1 & unit=$$!; \
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q --timeout=900 tests/ray tests/e2e; cluster=$$?; \
+	wait $$unit; unit_rc=$$?; \
+	echo "===== unit tier (tests/unit) ====="; cat $(UNIT_LOG); \
+	echo "ray+e2e tiers exit $$cluster, unit tier exit $$unit_rc"; \
+	test $$cluster -eq 0 -a $$unit_rc -eq 0
 
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit
