@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PAIR_PATTERN = r"^[A-Z0-9]{2,15}$"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -103,10 +103,23 @@ class DataSettings(_Section):
 
 class FeatureSettings(_Section):
     warmup_bars: int = Field(200, ge=100)
+    select_k: int | None = Field(None, ge=1, description="features a model reads, ranked on training rows "
+                                 "(ml.features.selection); None: all")
 
 
 class LabelSettings(_Section):
-    horizons: list[int] = [5]
+    horizons: list[int] = [1, 3, 6, 12]
+    default_horizon: int = Field(6, ge=1, description="the horizon answered when a request names none")
+    vol_window: int = Field(20, ge=2, description="rows of the naive trailing volatility (ml.training.volatility)")
+
+    @model_validator(mode="after")
+    def _default_in_horizons(self) -> LabelSettings:
+        if not self.horizons or any(h < 1 for h in self.horizons) or len(set(self.horizons)) != len(self.horizons):
+            raise ValueError(f"labels.horizons must be distinct integers >= 1, got {self.horizons}")
+        if self.default_horizon not in self.horizons:
+            raise ValueError(f"labels.default_horizon ({self.default_horizon}) must be one of labels.horizons "
+                             f"{self.horizons}")
+        return self
 
 
 class SplitSettings(_Section):
@@ -122,14 +135,61 @@ class ProfileSettings(_Section):
     dropout: float = 0.0
 
 
+# Trainable model types: the networks of ml.training.nets.MODEL_TYPES and the gradient-boosted trees
+# (not imported here: settings load without torch).
+KNOWN_MODEL_TYPES = ("lstm", "gru", "cnn", "transformer", "lightgbm")
+
+
+class LightGbmSettings(_Section):
+    """The `lightgbm` model type (ml.training.gbm): boosted trees on the latest feature row and lagged rows."""
+
+    lags: list[int] = Field([0, 1, 2, 4], description="rows back from the window's last row (0 = it) a "
+                            "tree row holds side by side")
+    num_leaves: int = Field(15, ge=2, le=1024)
+    learning_rate: float = Field(0.05, gt=0.0, le=1.0)
+    n_estimators: int = Field(300, ge=1, le=10_000, description="boosting rounds at most (early stopping ends sooner)")
+    min_child_samples: int = Field(100, ge=1)
+    reg_lambda: float = Field(1.0, ge=0.0, description="L2 regularisation of the leaf values")
+    reg_alpha: float = Field(0.0, ge=0.0, description="L1 regularisation of the leaf values")
+    feature_fraction: float = Field(0.5, gt=0.0, le=1.0, description="columns each tree may use")
+    bagging_fraction: float = Field(0.8, gt=0.0, le=1.0, description="training rows each tree sees")
+    max_bin: int = Field(63, ge=2, le=1024)
+    early_stopping_rounds: int = Field(30, ge=1, description="rounds without a better validation loss before "
+                                       "a booster stops")
+
+    @field_validator("lags")
+    @classmethod
+    def _lags(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 0 for k in v) or len(set(v)) != len(v):
+            raise ValueError(f"lightgbm lags must be distinct integers >= 0, got {v}")
+        return sorted(int(k) for k in v)
+
+
 class ModelSettings(_Section):
     default_type: str = "lstm"
-    enabled_types: list[str] = ["lstm"]
+    enabled_types: list[str] = ["lstm", "lightgbm"]
     profile: str = "quick"
     profiles: dict[str, ProfileSettings] = {
         "quick": ProfileSettings(),
         "full": ProfileSettings(layers=2, hidden=50, seq_len=60, dropout=0.2),
     }
+    lightgbm: LightGbmSettings = LightGbmSettings()
+
+    @model_validator(mode="after")
+    def _known_types(self) -> ModelSettings:
+        unknown = [t for t in [self.default_type, *self.enabled_types] if t not in KNOWN_MODEL_TYPES]
+        if unknown:
+            raise ValueError(f"unknown model type(s) {', '.join(unknown)}; one of {', '.join(KNOWN_MODEL_TYPES)}")
+        if not self.enabled_types or len(set(self.enabled_types)) != len(self.enabled_types):
+            raise ValueError(f"model.enabled_types must be distinct and not empty, got {self.enabled_types}")
+        return self
+
+
+class EnsembleSettings(_Section):
+    """The stack of the enabled types' production models (ml.training.ensemble)."""
+
+    l2: float = Field(1e-3, ge=0.0, description="L2 penalty on the stacking weights (towards the base rate)")
+    min_rows: int = Field(50, ge=10, description="fewest validation / test rows common to every member")
 
 
 class TrainingSettings(_Section):
@@ -138,6 +198,8 @@ class TrainingSettings(_Section):
     learning_rate: float = 1e-3
     patience: int = 5
     seed: int = 7
+    vol_loss_weight: float = Field(0.5, ge=0.0, description="weight of the volatility (gamma) loss beside the "
+                                   "direction BCE (ml.training.loop)")
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     max_failures: int = Field(2, ge=-1, description="Ray Train worker-group failures a run recovers from (resuming "
@@ -271,6 +333,7 @@ class Settings(_Section):
     labels: LabelSettings = LabelSettings()
     split: SplitSettings = SplitSettings()
     model: ModelSettings = ModelSettings()
+    ensemble: EnsembleSettings = EnsembleSettings()
     training: TrainingSettings = TrainingSettings()
     signals: SignalSettings = SignalSettings()
     queue: QueueSettings = QueueSettings()
@@ -284,6 +347,14 @@ class Settings(_Section):
     supervisor: SupervisorSettings = SupervisorSettings()
     metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
+
+    @model_validator(mode="after")
+    def _windows_cover_vol_window(self) -> Settings:
+        short = {n: p.seq_len for n, p in self.model.profiles.items() if p.seq_len < self.labels.vol_window}
+        if short:
+            raise ValueError(f"model profile seq_len {short} shorter than labels.vol_window "
+                             f"({self.labels.vol_window}): the naive volatility is computed from the window")
+        return self
 
     @field_validator("timeframe")
     @classmethod

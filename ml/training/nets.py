@@ -1,9 +1,11 @@
 """The four sequence models and the torch helpers around them, plain PyTorch and Ray-free.
 
 Every model maps a window of feature rows, shape (N, seq_len, n_features), to one LOGIT per
-configured horizon, shape (N, n_horizons). P(up) is sigmoid(logit) after calibration (see
-ml.training.calibration); the models themselves never apply the sigmoid, so training can use the
-numerically stable BCEWithLogitsLoss.
+configured horizon, shape (N, n_horizons), and, with ``volatility=True`` (every new model), after
+them one log-variance ratio o_h = ln(predicted per-bar variance / naive trailing variance) per
+horizon: shape (N, 2 * n_horizons), see ml.training.volatility. P(up) is sigmoid(logit) after
+calibration (see ml.training.calibration); the models themselves never apply the sigmoid, so
+training can use the numerically stable BCEWithLogitsLoss.
 
 * ``lstm`` / ``gru`` - a stacked recurrent net; the hidden state after the last row feeds a linear head.
 * ``cnn`` - a causal 1-D temporal convolution stack (kernel 3, dilation doubling per layer, residual
@@ -131,19 +133,21 @@ class TransformerNet(nn.Module):
 
 
 def build_model(model_type: str, n_features: int, n_horizons: int, *, layers: int, hidden: int,
-                dropout: float = 0.0, seq_len: int = 60) -> nn.Module:
-    """A freshly initialised model that returns logits of shape (N, n_horizons)."""
+                dropout: float = 0.0, seq_len: int = 60, volatility: bool = False) -> nn.Module:
+    """A freshly initialised model that returns (N, n_horizons) direction logits, followed by
+    n_horizons log-variance ratios when `volatility` (one shared body, one linear head)."""
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model type {model_type!r}; one of {', '.join(MODEL_TYPES)}")
     if n_features < 1 or n_horizons < 1 or layers < 1 or hidden < 1:
         raise ValueError("n_features, n_horizons, layers and hidden must all be >= 1")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    n_out = 2 * n_horizons if volatility else n_horizons
     if model_type in ("lstm", "gru"):
-        return RecurrentNet(model_type, n_features, n_horizons, layers=layers, hidden=hidden, dropout=dropout)
+        return RecurrentNet(model_type, n_features, n_out, layers=layers, hidden=hidden, dropout=dropout)
     if model_type == "cnn":
-        return TemporalCNN(n_features, n_horizons, layers=layers, hidden=hidden, dropout=dropout)
-    return TransformerNet(n_features, n_horizons, layers=layers, hidden=hidden, dropout=dropout,
+        return TemporalCNN(n_features, n_out, layers=layers, hidden=hidden, dropout=dropout)
+    return TransformerNet(n_features, n_out, layers=layers, hidden=hidden, dropout=dropout,
                           seq_len=seq_len)
 
 
@@ -192,7 +196,7 @@ def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-    """Raw logits (N, n_horizons) float64 in eval mode."""
+    """Raw outputs (N, n_outputs) float64 in eval mode (direction logits, then log-variance ratios)."""
     core = unwrap(model)
     was_training = core.training
     core.eval()
