@@ -20,6 +20,18 @@ LEARNING_RATE_MAX = 1.0  # learning rates lie in (0, LEARNING_RATE_MAX]
 API_FIELDS = ("epochs", "batchSize", "learningRate", "priority", "maxAttempts", "horizon")
 
 
+ENSEMBLE_TYPE = "ensemble"  # built, not trained (ml.training.ensemble); == ml.registry.versions.ENSEMBLE_TYPE
+ENSEMBLE_MIN_MEMBERS = 2
+TRAINING_FIELDS = ("epochs", "batch_size", "learning_rate", "horizon")  # what an ensemble build has no use for
+
+
+def accepted_model_types(enabled: Iterable[str]) -> list[str]:
+    """The model types a request may name: the enabled ones, plus `ensemble` when at least two are enabled
+    (it combines their production models)."""
+    types = [str(t) for t in enabled if str(t) != ENSEMBLE_TYPE]
+    return types + [ENSEMBLE_TYPE] if len(types) >= ENSEMBLE_MIN_MEMBERS else types
+
+
 class QueueError(Exception):
     """An operation the queue's rules do not allow."""
 
@@ -56,9 +68,13 @@ class TrainRequest:
         if not isinstance(self.model_type, str) or not self.model_type:
             raise InvalidRequest("modelType must be a non-empty string")
         if model_types is not None:
-            allowed = list(model_types)
+            allowed = accepted_model_types(model_types)
             if self.model_type not in allowed:
                 raise InvalidRequest(f"unknown or disabled model type {self.model_type!r}; one of {allowed}")
+        if self.model_type == ENSEMBLE_TYPE:
+            given = [f for f in TRAINING_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise InvalidRequest(f"an ensemble is built, not trained: {', '.join(given)} do not apply")
         _check_int("priority", self.priority, PRIORITY_MIN, PRIORITY_MAX)
         if self.epochs is not None:
             _check_int("epochs", self.epochs, EPOCHS_MIN, EPOCHS_MAX)

@@ -13,7 +13,12 @@ A version (`v{UTC yyyymmddHHMMSS}-{8 hex of the weights' sha256}`) holds:
 Promotion rule (applied by `register`): the new version becomes production iff its calibrated test
 Brier score <= the base-rate baseline's test Brier (+1e-12 tie tolerance). Otherwise the previous
 production version (if any) stays and the version's meta records
-`promotion: {promoted: false, reason: ...}`. `promote` (an operator's explicit choice) and
+`promotion: {promoted: false, reason: ...}`.
+
+An `ensemble` version (ml.training.ensemble: no weights.pt, its stacking document in ensemble.json
+and its meta) has its own rule, `ensemble_promotion_decision`: promoted only if its test Brier
+beats EVERY member's on the same test rows (strictly) and is no worse than the base rate's; beating
+the base rate alone is not enough for a combination of models that already do. `promote` (an operator's explicit choice) and
 `rollback` move the production pointer to any existing version, with the reason recorded.
 """
 
@@ -30,6 +35,7 @@ import numpy as np
 from ml.clock import now_ms
 from ml.registry.loader import WEIGHTS_FILE, LoadedModel, NoModelError, load_model
 from ml.registry.production import read_production
+from ml.training.ensemble import ENSEMBLE_TYPE
 
 BRIER_TIE_TOLERANCE = 1e-12
 
@@ -67,6 +73,43 @@ def promotion_decision(metrics: dict, tolerance: float = BRIER_TIE_TOLERANCE) ->
     return {"promoted": ok, "reason": reason, "modelBrier": model_brier, "baselineBrier": base_brier}
 
 
+def ensemble_promotion_decision(metrics: dict, tolerance: float = BRIER_TIE_TOLERANCE) -> dict:
+    """{promoted, reason, modelBrier, baselineBrier, memberBriers} of the ensemble's rule: its test Brier
+    (mean over horizons) < every member's on the same rows, and <= the base rate's."""
+    base = promotion_decision(metrics, tolerance)
+    members = metrics.get("members") if isinstance(metrics, dict) else None
+    briers: dict[str, float] = {}
+    for t, m in (members or {}).items():
+        try:
+            briers[str(t)] = float(m["brier"])
+        except (KeyError, TypeError, ValueError):
+            briers[str(t)] = float("nan")
+    out = dict(base, memberBriers=briers)
+    if base["modelBrier"] is None:
+        return out
+    if len(briers) < 2 or not all(math.isfinite(b) for b in briers.values()):
+        return dict(out, promoted=False, reason="metrics lack the test Brier of every member")
+    ens = base["modelBrier"]
+    best_type = min(briers, key=briers.get)
+    best = briers[best_type]
+    if not ens < best:
+        return dict(out, promoted=False,
+                    reason=f"ensemble test Brier {ens:.6f} >= best member {best_type}'s {best:.6f} on the same "
+                           "rows: the ensemble does not beat every member")
+    if not base["promoted"]:
+        return out
+    return dict(out, promoted=True,
+                reason=f"ensemble test Brier {ens:.6f} < every member's (best {best_type} {best:.6f}) and <= "
+                       f"base-rate Brier {base['baselineBrier']:.6f}")
+
+
+def decide_promotion(model_type: str, metrics: dict) -> dict:
+    """The promotion rule of a model type: the ensemble's own, the base-rate rule for the rest."""
+    if model_type == ENSEMBLE_TYPE:
+        return ensemble_promotion_decision(metrics)
+    return promotion_decision(metrics)
+
+
 class Registry:
     """Versions, production pointer and promotion rule of the models, on top of a storage."""
 
@@ -86,18 +129,20 @@ class Registry:
 
     # ---- write ----------------------------------------------------------------------------------
     def register(self, pair: str, result, job_id: str | None = None) -> dict:
-        """Store a finished run (a TrainResult) as a new version and apply the promotion rule.
+        """Store a finished run (a TrainResult, or an ml.training.ensemble.EnsembleResult) as a new version
+        and apply its model type's promotion rule (decide_promotion).
 
         Returns the stored meta (with `version` and `promotion`).
         """
         payload = result.to_registry_payload()
         model_type = result.model_type
         files = payload["files"]
+        content = files[WEIGHTS_FILE] if WEIGHTS_FILE in files else b"".join(files[k] for k in sorted(files))
         with self._lock:
-            version = self.new_version_id(pair, model_type, files[WEIGHTS_FILE], result.trained_at)
+            version = self.new_version_id(pair, model_type, content, result.trained_at)
             previous = self.storage.get_production(pair, model_type)
             prev_version = previous.get("version") if previous else None
-            decision = promotion_decision(payload["meta"].get("metrics", {}))
+            decision = decide_promotion(model_type, payload["meta"].get("metrics", {}))
             if not decision["promoted"]:
                 decision["reason"] += (f"; production stays {prev_version}" if prev_version
                                        else "; there is no production version")
@@ -142,3 +187,11 @@ class Registry:
 
     def load(self, pair: str, model_type: str, version: str | None = None) -> LoadedModel:
         return load_model(self.storage, pair, model_type, version)
+
+    def build_ensemble(self, pair: str, settings=None, *, store=None, candles=None):
+        """Build (not register) the ensemble of the enabled types' production versions of `pair`
+        (ml.training.ensemble.build_from_settings; EnsembleError when it cannot be built honestly).
+        `register` the result to store it under its own promotion rule."""
+        from ml.training.ensemble import build_from_settings
+
+        return build_from_settings(self.storage, pair, settings, load=load_model, store=store, candles=candles)
