@@ -8,6 +8,8 @@
     tbml train --local --pair P [--model lstm] [--epochs N] [--bars B] [--data-dir D]
         Trains in this process without a cluster (ml.training.local.train_local), registers the version in
         the local data directory and prints the metrics as JSON.
+        `--model ensemble` trains nothing: it builds the stack of the local production versions of the
+        enabled types (ml.training.ensemble) and registers it under the ensemble's promotion rule.
 
 Shares its request options and follow loop with cluster/submit_training.py.
 """
@@ -67,10 +69,13 @@ def _train_local(args: argparse.Namespace, request) -> int:
     from ml.registry.versions import Registry
     from ml.storage.store import Storage
     from ml.training.config import TrainConfig
+    from ml.training.ensemble import ENSEMBLE_TYPE
     from ml.training.local import train_local
 
     settings = get_settings()
     data_dir = Path(args.data_dir) if args.data_dir else Path(settings.data_dir)
+    if request.model_type == ENSEMBLE_TYPE:
+        return _build_ensemble_local(request, settings, data_dir)
     try:
         cfg = TrainConfig.from_settings(
             request.pair, request.model_type, settings=settings, epochs=request.epochs,
@@ -93,6 +98,28 @@ def _train_local(args: argparse.Namespace, request) -> int:
 
     out = {"pair": request.pair, "modelType": request.model_type, **result_summary(meta, result),
            "metrics": result.metrics}  # the full evaluation: model, baseline, per horizon, calibration
+    print(json.dumps(out, indent=2, default=_json_default))
+    return 0
+
+
+def _build_ensemble_local(request, settings, data_dir: Path) -> int:
+    """`--local --model ensemble`: build the stack of the local production versions (ml.training.ensemble)."""
+    from ml.data.store import CandleStore
+    from ml.queue.views import result_summary
+    from ml.registry.versions import Registry
+    from ml.storage.store import Storage
+    from ml.training.ensemble import EnsembleError
+
+    registry = Registry(Storage(data_dir))
+    try:
+        result = registry.build_ensemble(request.pair, settings, store=CandleStore(data_dir, settings.timeframe))
+    except EnsembleError as exc:
+        print(f"tbml: error: {exc}", file=sys.stderr)
+        return 1
+    meta = registry.register(request.pair, result)
+    out = {"pair": request.pair, "modelType": request.model_type, **result_summary(meta, result),
+           "members": result.members, "weights": result.weights, "bestMember": result.best_member,
+           "metrics": result.metrics}
     print(json.dumps(out, indent=2, default=_json_default))
     return 0
 
