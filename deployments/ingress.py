@@ -77,6 +77,7 @@ from ml.evaluation.live import accuracy_summary, reference_rate, with_outcomes
 from ml.serving import views
 from ml.serving.events import EVENT_ID_PATTERN
 from ml.serving.history import history_record
+from ml.serving.model_ids import accepted_types
 from ml.serving.prediction import prediction_body, round_ms
 from ml.serving.snapshot import Snapshots
 
@@ -84,6 +85,7 @@ log = logging.getLogger(__name__)
 
 _PING_BODY = b'{"ok":true}'
 ACCURACY_SCAN = 20_000  # newest history records the accuracy endpoint scores
+ENSEMBLE_DOC = "true: the same as model=ensemble (a different explicit model is a 422 conflicting_parameters)"
 
 
 def _settings():
@@ -154,18 +156,19 @@ class IngressImpl:
         self.namespace = self.args.namespace or s.namespace
         self.tf = s.timeframe_ms
         self.model_types = list(s.model.enabled_types)
+        self.accepted_types = accepted_types(self.model_types)  # + ensemble with two or more
         self.default_model = s.model.default_type if s.model.default_type in self.model_types \
             else self.model_types[0]
         default_seq_len = int(s.model.profiles[s.model.profile].seq_len) if s.model.profile in s.model.profiles \
             else 30
-        self.params = Params(s, self.store, self.model_types, self.default_model)
-        self.snapshots = Snapshots(self.store, self.reader, self.model_types, self.tf,
+        self.params = Params(s, self.store, self.accepted_types, self.default_model)
+        self.snapshots = Snapshots(self.store, self.reader, self.accepted_types, self.tf,
                                    live_source=s.data.source != "files", interval_s=self.args.snapshot_interval_s,
                                    default_horizons=list(s.labels.horizons))
         self.actors = ActorClients(self.args, self.namespace, str(self.reader.data_dir))
         self.predictions_ = Predictions(s, direct(predictor, self.args.handle_grpc),
                                         direct(features, self.args.handle_grpc), self.cache, self.snapshots,
-                                        default_seq_len)
+                                        default_seq_len, self.model_types)
         self.metrics_ = self.predictions_.metrics = ServeMetrics(s.metrics.enabled)  # deployments/metrics.py
 
         async def append(batch: list[dict]) -> None:
@@ -215,14 +218,16 @@ class IngressImpl:
         return Response(content=_PING_BODY, media_type="application/json")
 
     @app.get("/api/predictions/{pair}", response_model=PredictionResponse, responses={**E404, **E422},
-             tags=["predictions"], summary="Prediction of one pair (cached per candle and model version)")
+             tags=["predictions"],
+             summary="Prediction of one pair: every horizon, one of them at the top (cached per candle and model version)")
     async def prediction(self, pair: str, model: str | None = Query(None, max_length=32),
                          horizon: int | None = Query(None, ge=1, le=10_000),
+                         ensemble: bool = Query(False, description=ENSEMBLE_DOC),
                          bypassCache: bool = Query(False, description="skip the cache (recompute)"),
                          fresh: bool = Query(False, description="same as bypassCache")) -> JSON:
         t0 = time.perf_counter()
         p = self.params.pair(pair)
-        mt = self.params.model_query(model)
+        mt = self.params.model_query(model, ensemble)
         pred, hit = await self.predictions_.predict(p, mt, horizon, bypassCache or fresh)
         ts = now_ms()
         self._served(p, pred, hit, ts)
@@ -231,9 +236,10 @@ class IngressImpl:
 
     @app.get("/api/predictions", response_model=AllPredictionsResponse, tags=["predictions"],
              summary="Predictions of every configured pair (a failing pair gets a fallback)")
-    async def predictions(self, model: str | None = Query(None, max_length=32)) -> JSON:
+    async def predictions(self, model: str | None = Query(None, max_length=32),
+                          ensemble: bool = Query(False, description=ENSEMBLE_DOC)) -> JSON:
         t0 = time.perf_counter()
-        mt = self.params.model_query(model)
+        mt = self.params.model_query(model, ensemble)
         pairs = list(self.settings.pairs)
         results = await asyncio.gather(*(self.predictions_.predict(p, mt, None, False) for p in pairs),
                                        return_exceptions=True)
@@ -347,7 +353,7 @@ class IngressImpl:
              tags=["models"], summary="Every stored version per model type, newest first")
     async def model_versions(self, pair: str, model: str | None = Query(None, max_length=32)) -> JSON:
         p = self.params.pair(pair)
-        types = [self.params.model_query(model)] if model is not None else self.model_types
+        types = [self.params.model_query(model)] if model is not None else self.accepted_types
 
         def read() -> dict:
             return {mt: views.versions_view(self.reader.list_versions(p, mt)) for mt in types}

@@ -7,7 +7,8 @@ FastAPI's own document is the starting point; `api_document` then, per operation
   (`invalid_json`, a malformed request) and 413 (`BodyLimitMiddleware`) on every method that takes a
   body, 422 wherever there is a parameter or a body, 401 on the operations behind the token;
 * declares `model` (query or path) and `horizon` as enums of what the replica's settings configure
-  (`model.enabled_types`, `labels.horizons`), and gives the configured pairs as examples of `pair`;
+  (`model.enabled_types` plus `ensemble` when two or more are enabled, `labels.horizons`), and gives
+  the configured pairs as examples of `pair`;
 * keeps the bearer token as a security scheme on the mutating operations (the Authorize button of
   /docs); without a configured token it is optional there (`{}` alternative) and 401 is not listed.
 
@@ -23,6 +24,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+
+from ml.serving.model_ids import accepted_types
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 SCHEME = "bearerAuth"
@@ -49,10 +52,12 @@ def _param_schema(param: dict[str, Any], model_types: list[str], horizons: list[
     name = param.get("name")
     if name == "model":
         param["schema"] = {"type": "string", "enum": list(model_types), "title": "Model"}
-        param["description"] = "an enabled model type (model.enabled_types)"
+        param["description"] = "an enabled model type (model.enabled_types), or `ensemble` when two or more are"
     elif name == "horizon":
         param["schema"] = {"type": "integer", "enum": [int(h) for h in horizons], "title": "Horizon"}
-        param["description"] = "bars ahead: a configured horizon (labels.horizons) the model predicts"
+        param["description"] = ("bars ahead: the horizon answered at the top (default labels.default_horizon); "
+                                "a configured horizon (labels.horizons) the model predicts. Every horizon "
+                                "is in `prediction.horizons` either way")
     elif name == "pair" and pairs:
         param["schema"] = {**param.get("schema", {}), "examples": list(pairs)}
 
@@ -132,7 +137,7 @@ def install(app: FastAPI, settings: Callable[[], Any]) -> None:
     def document() -> dict[str, Any]:
         if "doc" not in cache:
             s = settings()
-            cache["doc"] = api_document(app, model_types=list(s.model.enabled_types),
+            cache["doc"] = api_document(app, model_types=accepted_types(list(s.model.enabled_types)),
                                         horizons=[int(h) for h in s.labels.horizons], pairs=list(s.pairs),
                                         token_required=bool(s.api.token))
             app.openapi_schema = cache["doc"]

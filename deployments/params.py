@@ -1,5 +1,6 @@
 """Path and query parameters of the HTTP API: the canonical pair (404 with `availablePairs`) and the
-model type (404 in a path, 422 in a query, with `availableModels`). Pairs are the configured ones
+model type (404 in a path, 422 in a query, with `availableModels`; `model_types` are the accepted
+ones, `ml.serving.model_ids.accepted_types`: the enabled types and `ensemble` when two or more are). Pairs are the configured ones
 plus those found in the candle store (re-listed every PAIRS_REFRESH_S).
 """
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from deployments.errors import ApiError
 from ml.config import PAIR_PATTERN
+from ml.serving.model_ids import ENSEMBLE
 
 PAIRS_REFRESH_S = 5.0
 MAX_ECHO = 40
@@ -56,12 +58,23 @@ class Params:
             raise ApiError(404, "pair_not_found", f"pair {short(raw)!r} {why}", availablePairs=pairs)
         return pair
 
-    def model_query(self, model: str | None) -> str:
-        """`?model=` (default: the default model type), 422 unless exactly an enabled type (the enum
-        of the OpenAPI document: no case folding, no empty value)."""
+    def model_query(self, model: str | None, ensemble: bool = False) -> str:
+        """`?model=` (default: the default model type), 422 unless exactly an accepted type (the enum
+        of the OpenAPI document: no case folding, no empty value). `?ensemble=true` is
+        `model=ensemble`; with another explicit model it is a 422 `conflicting_parameters`."""
+        if ensemble:
+            if model is not None and model != ENSEMBLE:
+                raise ApiError(422, "conflicting_parameters",
+                               f"ensemble=true asks for model=ensemble, but model={short(model)!r} was given: "
+                               "send one of them", availableModels=self.model_types)
+            model = ENSEMBLE
         if model is None:
             return self.default_model
         mt = model
+        if mt == ENSEMBLE and mt not in self.model_types:
+            raise ApiError(422, "invalid_model", "model 'ensemble' needs at least two enabled model types "
+                                                 f"(model.enabled_types: {', '.join(self.model_types)})",
+                           availableModels=self.model_types)
         if mt not in self.model_types:
             raise ApiError(422, "invalid_model", f"model {short(model)!r} is not enabled",
                            availableModels=self.model_types)

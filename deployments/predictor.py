@@ -12,16 +12,17 @@
   it decoded (at most LOCAL_WINDOWS, for the features TTL): the key names the candle, so a kept
   window can never be stale. Hits on that local copy are not in the shared Redis counters.
 * Inference: `@serve.batch` collects concurrent requests; each batch is split by model and every
-  model runs ONE forward pass over its stacked windows in the replica's inference thread
-  (`run_in_executor`), so the event loop keeps accepting requests while torch computes. With the default
-  `batch_wait_timeout_s = 0`, a lone request is not delayed; under load the requests that arrive
-  while a batch runs form the next batch.
+  model runs ONE pass over its stacked windows in the replica's inference thread
+  (`run_in_executor`), so the event loop keeps accepting requests while the model computes. A model
+  is whatever `load_model` returns (a network, LightGBM, ...): its `forecast(x)` gives P(up) and the
+  volatility of every horizon at once. With the default `batch_wait_timeout_s = 0`, a lone request
+  is not delayed; under load the requests that arrive while a batch runs form the next batch.
 
-`predict` returns `{"prediction": {...}, "replica", "featuresCached", ...}`; the prediction has the
-shape of `ml.serving.prediction` (the API's `Prediction` schema). Expected conditions (not enough
-data, features that differ from the model's) come back as fallback predictions with a `reason`;
-exceptions are real failures (the ingress answers with a fallback too and does not cache it).
-`ml.features` is imported lazily: it reads the settings at import, after `apply_env`.
+`predict` returns `{"prediction": {...}, "replica", "featuresCached", ...}`; the prediction is the
+all-horizon record of `ml.serving.forecast` (the ingress picks the requested horizon from it).
+Expected conditions (not enough data, features that differ from the model's) come back as fallback
+records with a `reason`; exceptions are real failures (the ingress answers with a fallback too and
+does not cache it). `ml.features` is imported lazily: it reads the settings at import, after `apply_env`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from ray import serve
 from deployments.args import AppArgs
 from deployments.replica import apply_env, direct, replica_tag
 from ml.clock import now_ms
+from ml.serving.forecast import fallback_record, forecast_record
 from ml.serving.model_ids import model_id, parse_model_id
-from ml.serving.prediction import fallback_prediction, model_prediction
+from ml.serving.prediction import feature_sample
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +108,19 @@ class PredictorImpl:
 
     # ---------------------------------------------------------------------------------- predict
     async def predict(self, req: dict[str, Any]) -> dict[str, Any]:
-        """req: {pair, modelType, version, candleTs, horizon}. See the module docstring."""
+        """req: {pair, modelType, version, candleTs}: the version's forecast of every horizon it predicts,
+        as the all-horizon record of `ml.serving.forecast` (a request picks its horizon from it)."""
         from ml.cache.keys import CacheKind, cache_key
         from ml.features.window import decode_window
-        from ml.serving.signals import classify, is_stale
+        from ml.serving.signals import is_stale
 
         self.stats_["requests"] += 1
         t0 = time.perf_counter()
         pair, model_type, version = req["pair"], req["modelType"], req["version"]
-        candle_ts, horizon = req.get("candleTs"), int(req["horizon"])
+        candle_ts = req.get("candleTs")
         mid = model_id(pair, model_type, version)
         model = await self.get_model(mid)
-        if horizon not in model.horizons:
-            return self._answer(fallback_prediction(
-                model_type=model_type, version=version, horizon=horizon, timeframe_ms=self.tf,
-                reason=f"model {version} predicts horizons {model.horizons}, not {horizon}"), None)
+        horizons = [int(h) for h in model.horizons]
         rows = int(model.seq_len)
         key = cache_key(CacheKind.FEATURES, pair=pair, candle_ts=candle_ts, extra=f"w{rows}",
                         namespace=self.settings.namespace)
@@ -136,8 +136,8 @@ class PredictorImpl:
             source = "redis" if hit is not None else None
             self.stats_["featureHits" if hit is not None else "featureMisses"] += 1
             if "error" in payload:
-                return self._answer(fallback_prediction(
-                    model_type=model_type, version=version, horizon=horizon, timeframe_ms=self.tf,
+                return self._answer(fallback_record(
+                    model_type=model_type, version=version, horizons=horizons, timeframe_ms=self.tf,
                     reason=payload.get("message", payload["error"])), source)
             window, last_ts, feature_hash = decode_window(payload), int(payload["ts"][-1]), payload.get("featureHash")
             # The key names the candle, so the window never changes: keep the decoded array (L1).
@@ -147,23 +147,21 @@ class PredictorImpl:
                 self._windows.popitem(last=False)
         as_of = last_ts + self.tf  # close time of the last candle used
         if feature_hash and model.feature_hash and feature_hash != model.feature_hash:
-            return self._answer(fallback_prediction(
-                model_type=model_type, version=version, horizon=horizon, as_of=as_of, timeframe_ms=self.tf,
+            return self._answer(fallback_record(
+                model_type=model_type, version=version, horizons=horizons, as_of=as_of, timeframe_ms=self.tf,
                 reason=f"serving features (hash {feature_hash[:12]}) differ from the model's "
                        f"(hash {model.feature_hash[:12]}): retrain {pair}/{model_type}"), source)
         out = await self._infer((mid, model, window))
         if isinstance(out, str):  # the batch reported an error for this model
             raise RuntimeError(out)
-        # Rounded once, so probability and confidence shown agree exactly (confidence = |p - 0.5| * 2).
-        p_up = round(float(out[model.horizons.index(horizon)]), 6)
-        s = classify(p_up, self.settings.signals.strong, self.settings.signals.weak)
-        prediction = model_prediction(
-            s, model_type=model_type, version=version, horizon=horizon, as_of=as_of, timeframe_ms=self.tf,
-            stale=is_stale(model.meta.get("trainedAt"), now_ms(), self.settings.signals.expire_hours),
-            last=window[-1])
-        out = self._answer(prediction, source)
-        out["predictorMs"] = round((time.perf_counter() - t0) * 1000, 3)
-        return out
+        signals = self.settings.signals
+        record = forecast_record(
+            out, horizons, model_type=model_type, version=version, as_of=as_of, timeframe_ms=self.tf,
+            stale=is_stale(model.meta.get("trainedAt"), now_ms(), signals.expire_hours),
+            features=feature_sample(window[-1]), strong=signals.strong, weak=signals.weak)
+        answer = self._answer(record, source)
+        answer["predictorMs"] = round((time.perf_counter() - t0) * 1000, 3)
+        return answer
 
     def _answer(self, prediction: dict[str, Any], features_source: str | None) -> dict[str, Any]:
         return {"prediction": prediction, "replica": self.tag, "featuresCached": features_source is not None,
@@ -177,7 +175,8 @@ class PredictorImpl:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _infer(self, items: list[tuple[str, Any, np.ndarray]]) -> list[Any]:
-        """One forward pass per model over the stacked windows of the batch (in a worker thread)."""
+        """One forward pass per model over the stacked windows of the batch (in a worker thread): each
+        item gets its forecast (2H,), P(up) then volatility per horizon (`forecast` of the loader)."""
         n = len(items)
         self.stats_["batches"] += 1
         self.stats_["batchedItems"] += n
@@ -190,15 +189,15 @@ class PredictorImpl:
             model = items[idx[0]][1]
             stacked = np.stack([items[i][2] for i in idx])
             try:
-                probs = await asyncio.get_running_loop().run_in_executor(self._executor, model.predict_proba, stacked)
+                values = await asyncio.get_running_loop().run_in_executor(self._executor, model.forecast, stacked)
             except Exception as exc:  # noqa: BLE001 - reported to each caller of this model
                 log.exception("inference of %s failed", mid)
                 for i in idx:
                     out[i] = f"inference of {mid} failed: {type(exc).__name__}: {exc}"
                 continue
-            probs = np.asarray(probs, dtype=np.float64).reshape(len(idx), -1)
+            values = np.asarray(values, dtype=np.float64).reshape(len(idx), -1)
             for j, i in enumerate(idx):
-                out[i] = probs[j]
+                out[i] = values[j]
         return out
 
     # ---------------------------------------------------------------------------------- status

@@ -116,20 +116,50 @@ class FeatureSample(_Out):
     sample: dict[str, float | None]
 
 
+class HorizonForecast(_Out):
+    """One horizon of a prediction, classified on its own (a horizon without an edge is 0.5 / HOLD)."""
+
+    direction: Literal["up", "down", "neutral"]
+    probability: float = Field(description="calibrated P(close[t+h] > close[t])")
+    confidence: float = Field(description="|p - 0.5| * 2")
+    signal: Literal["STRONG_BUY", "BUY", "HOLD", "SELL", "STRONG_SELL"]
+    volatility: float | None = Field(description="expected size of the move over the horizon, a fraction of the "
+                                                 "price: sqrt(h * predicted per-bar variance) (null in a fallback)")
+    targetTime: int | None = Field(description="asOf + h bars (epoch ms)")
+
+
+class EnsembleInfo(_Out):
+    """How `model=ensemble` was answered."""
+
+    promoted: bool = Field(description="a promoted ensemble combined its members (false: one member answered)")
+    answeredBy: str | None = Field(description="`ensemble`, or the member type that answered alone (null: none "
+                                               "could)")
+    reason: str | None = Field(description="why a single member answered (null when the ensemble combined)")
+    version: str | None = Field(None, description="the ensemble version (null when there is none)")
+    members: dict[str, str] | None = Field(None, description="member type -> version combined (promoted only)")
+
+
 class Prediction(_Out):
     direction: Literal["up", "down", "neutral"]
     probability: float = Field(description="calibrated P(up) over the horizon")
     confidence: float = Field(description="|p - 0.5| * 2")
     signal: Literal["STRONG_BUY", "BUY", "HOLD", "SELL", "STRONG_SELL"]
+    volatility: float | None = Field(description="predicted move over the horizon, a fraction of the price "
+                                                 "(null in a fallback)")
     modelType: str
     modelVersion: str | None
-    horizon: int = Field(description="bars ahead")
+    horizon: int = Field(description="bars ahead: the horizon of the top-level fields")
     asOf: int | None = Field(description="close time of the last candle used (epoch ms)")
     targetTime: int | None = Field(description="asOf + horizon bars (epoch ms)")
     stale: bool
     fallback: bool
     reason: str | None = None
     features: FeatureSample
+    horizons: dict[str, HorizonForecast] = Field(
+        description="every horizon the model predicts, keyed by bars ahead (\"1\", \"3\", ...); the top-level "
+                    "fields repeat the entry of `horizon`. A fallback has a neutral entry (0.5, HOLD, volatility "
+                    "null) per horizon")
+    ensemble: EnsembleInfo | None = Field(None, description="model=ensemble only: who answered and why")
 
 
 class PredictionResponse(_Out):
@@ -170,6 +200,11 @@ class SimulationResponse(_Out):
     equityCurve: list[dict[str, Any]]
     since: int | None = Field(description="open time of the first bar the account saw (epoch ms)")
     updatedAt: int | None
+    lastForecast: dict[str, Any] | None = Field(
+        None, description="the newest forecast the account saw: ts, signal, horizon, probability, volatility, "
+                          "volatilitySource (`model`: the served volatility, `naive`: the trailing forecast)")
+    volatilitySources: dict[str, int] = Field(default_factory=dict,
+                                              description="forecasts per volatility source (model, naive)")
     config: dict[str, Any]
     timestamp: int
 
@@ -190,6 +225,7 @@ class HistoryRecord(_Out):
     probability: float
     confidence: float
     signal: str
+    volatility: float | None = Field(None, description="the served volatility of the record's horizon")
     realizedClose: float | None = Field(None, description="close of the target bar (the one closing at targetTime)")
     realizedDirection: Literal["up", "down"] | None = Field(
         None, description="up if realizedClose > the close at asOf, else down; set once the target bar closed")

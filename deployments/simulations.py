@@ -1,7 +1,10 @@
 """Live simulated trading per pair (`ml.simulation.live`, docs/evaluation.md "Simulated trading").
 
 After each candle close the ingress has computed (`deployments.stream`), the pair's account moves on
-that close's bars and opens a trade on its prediction if the signal says so. The account is the
+that close's bars and opens a trade on its prediction (default model type and horizon) if the signal
+says so, with take-profit and stop-loss sized from the prediction's served `volatility` for that
+horizon; only a model answer without one uses the naive trailing forecast
+(`ml.evaluation.trading.trailing_volatility`). The account records which one it used. The account is the
 document `training/{PAIR}/simulation.json`, read and written through the Storage actor (the single
 writer; closes are computed one at a time by the events hub, so one account is never written by two
 closes at once), so it survives a restart of anything. `GET /api/simulations/{pair}` reads it from
@@ -18,7 +21,7 @@ import numpy as np
 
 from ml.clock import now_ms
 from ml.evaluation.trading import VOL_WINDOW, bars_from, trailing_volatility
-from ml.simulation.live import DOCUMENT, advance, view
+from ml.simulation.live import DOCUMENT, NAIVE, advance, served_volatility, view
 from ml.simulation.trades import SimConfig
 
 log = logging.getLogger(__name__)
@@ -48,9 +51,11 @@ class Simulations:
         if candles.empty:
             return {"closed": [], "opened": None}
         bars = bars_from(candles, int(last) + 1 if last is not None else int(candles["ts"].iloc[-1]))
-        vol = trailing_volatility(candles["close"].to_numpy(), horizon)[-1]
-        doc, did = advance(doc, pair, bars, prediction, float(vol) if np.isfinite(vol) else None, self.config,
-                           now_ms())
+        vol, source = served_volatility(prediction)
+        if vol is None:  # a model answer without a volatility: the naive trailing forecast
+            naive = trailing_volatility(candles["close"].to_numpy(), horizon)[-1]
+            vol, source = (float(naive), NAIVE) if np.isfinite(naive) else (None, None)
+        doc, did = advance(doc, pair, bars, prediction, vol, self.config, now_ms(), volatility_source=source)
         await self.actors.storage_call("put_document", category, name, doc, pair)
         self.advanced += 1
         return did

@@ -2,10 +2,11 @@
 docs/serving.md). The ingress holds one `PredictionStream`; its routes stay a few lines.
 
 - `on_close(closes, first_id)` (the ingress's `on_candle_close`, called by the events hub through a
-  deployment handle): per pair, the snapshot is re-read, the prediction of EVERY enabled model type
-  and EVERY horizon of its production version is computed and cached through the normal path
-  (`deployments.predictions`: one feature window, shared), the default model type's first horizon
-  is recorded in the history as a close event, and the events are returned to the hub.
+  deployment handle): per pair, the snapshot is re-read, the all-horizon record of EVERY enabled
+  model type is computed once and cached through the normal path (`deployments.predictions`: one
+  feature window, shared), then the ensemble's (from those cached records) when two or more types
+  are enabled; the default model type at its default horizon is recorded in the history as a close
+  event, trades the pair's simulated account (`deployments.simulations`) and is returned to the hub.
 - `open(...)`: validates `pairs` and `Last-Event-ID` (422 before anything is streamed), then streams
   `retry:`, the missed events (stored history + the hub's buffer, `ml.serving.events.replay`), and
   the live ones from the hub's long poll, with a heartbeat comment while nothing happens. It ends
@@ -39,6 +40,7 @@ from ml.serving.events import (
     sse_retry,
 )
 from ml.serving.history import history_record
+from ml.serving.model_ids import ENSEMBLE
 from ml.serving.prediction import failure_cause, prediction_body
 
 log = logging.getLogger(__name__)
@@ -148,17 +150,23 @@ class PredictionStream:
             if snap.candle_ts != candle_ts:
                 log.info("close of %s at %s: the store shows %s, no event", pair, candle_ts, snap.candle_ts)
                 return None
-            jobs = [(mt, h) for mt in ing.model_types
-                    for h in ing.snapshots.horizons(snap.production.get(mt))]
-            results = await asyncio.gather(*(ing.predictions_.predict(pair, mt, h, False, snap) for mt, h in jobs),
+            # one all-horizon record per model type (each horizon is picked from it), then the
+            # ensemble, whose members are those records again
+            types = list(ing.model_types)
+            results = await asyncio.gather(*(ing.predictions_.predict(pair, mt, None, False, snap) for mt in types),
                                            return_exceptions=True)
-        default = (ing.default_model, ing.snapshots.horizons(snap.production.get(ing.default_model))[0])
-        res = results[jobs.index(default)]
+            if ENSEMBLE in ing.accepted_types:
+                types.append(ENSEMBLE)
+                try:
+                    results.append(await ing.predictions_.predict(pair, ENSEMBLE, None, False, snap))
+                except Exception as exc:  # noqa: BLE001 - logged below, the event still goes out
+                    results.append(exc)
+        res = results[types.index(ing.default_model)]
         if isinstance(res, BaseException):
             raise res
-        for (mt, h), other in zip(jobs, results, strict=True):
+        for mt, other in zip(types, results, strict=True):
             if isinstance(other, BaseException):
-                log.warning("close of %s: %s h%d: %s", pair, mt, h, failure_cause(other))
+                log.warning("close of %s: %s: %s", pair, mt, failure_cause(other))
         pred, hit = res
         ts = now_ms()
         body = prediction_body(pair, pred, hit, time.perf_counter() - t0, ts)

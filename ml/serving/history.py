@@ -21,6 +21,7 @@ def history_record(pair: str, pred: dict[str, Any], cached: bool, ts: int, *, ev
         "probability": pred.get("probability"),
         "confidence": pred.get("confidence"),
         "signal": pred.get("signal"),
+        "volatility": pred.get("volatility"),
         "modelType": pred.get("modelType"),
         "modelVersion": pred.get("modelVersion"),
         "horizon": pred.get("horizon"),

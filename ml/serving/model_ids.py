@@ -8,6 +8,13 @@ import re
 from ml.config import PAIR_PATTERN
 
 MODEL_ID_SEP = ":"
+ENSEMBLE = "ensemble"  # the model type combined from the enabled types' versions (ml.serving.ensemble_choice)
+
+
+def accepted_types(enabled: list[str]) -> list[str]:
+    """The model types a request may name: the enabled ones, and `ensemble` when at least two are."""
+    types = [str(t) for t in enabled]
+    return types + [ENSEMBLE] if len(types) >= 2 and ENSEMBLE not in types else types
 
 
 def model_id(pair: str, model_type: str, version: str) -> str:

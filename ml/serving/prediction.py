@@ -1,6 +1,7 @@
-"""The prediction a client reads: a model's answer (direction, probability, signal, times, a few
-feature values) or the neutral HOLD fallback when there is no model, no data or an error, and the
-body of `GET /api/predictions/{pair}` around it.
+"""The prediction a client reads: a model's answer (direction, probability, signal, volatility,
+times, a few feature values, every horizon in `horizons`) or the neutral HOLD fallback when there is
+no model, no data or an error, and the body of `GET /api/predictions/{pair}` around it. The
+all-horizon record a prediction is picked from: `ml.serving.forecast`.
 
 `ml.features` is imported lazily: a Serve replica sets its environment before the settings that
 the feature module reads at import.
@@ -8,11 +9,13 @@ the feature module reads at import.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ml.serving.signals import Signal, data_is_stale, neutral
+from ml.serving.forecast import fallback_record, horizon_entry, pick
+from ml.serving.signals import Signal, data_is_stale
 
 # A few well-known features shown with every prediction (the rest: GET /api/features/{pair}).
 SAMPLE_FEATURES = ("rsi_14", "macd_hist", "bb_pct_b", "stoch_k", "adx_14", "vol_ratio_20",
@@ -57,35 +60,25 @@ def feature_sample(last: np.ndarray) -> dict[str, Any]:
 
 
 def model_prediction(s: Signal, *, model_type: str, version: str, horizon: int, as_of: int, timeframe_ms: int,
-                     stale: bool, last: np.ndarray) -> dict[str, Any]:
-    """A model's answer; `as_of` is the close time of the last candle of the window it read."""
-    return {
-        "direction": s.direction,
-        "probability": s.probability,
-        "confidence": round(s.confidence, 6),
-        "signal": s.signal,
-        "modelType": model_type,
-        "modelVersion": version,
-        "horizon": horizon,
-        "asOf": as_of,
-        "targetTime": as_of + horizon * timeframe_ms,
-        "stale": stale,
-        "fallback": False,
-        "features": feature_sample(last),
-    }
+                     stale: bool, last: np.ndarray, volatility: float | None = None) -> dict[str, Any]:
+    """A one-horizon model answer (`ml.serving.forecast.forecast_record` makes the all-horizon one);
+    `as_of` is the close time of the last candle of the window it read."""
+    record = {"modelType": model_type, "modelVersion": version, "asOf": as_of, "stale": stale, "fallback": False,
+              "features": feature_sample(last),
+              "horizons": {str(int(horizon)): horizon_entry(s, volatility, horizon, as_of, timeframe_ms)}}
+    return pick(record, horizon)
 
 
 def fallback_prediction(*, model_type: str, version: str | None, horizon: int, reason: str,
-                        as_of: int | None = None, timeframe_ms: int | None = None) -> dict[str, Any]:
-    """The neutral HOLD answered when there is no model, no data or an error (never scored live)."""
-    s = neutral()
-    target = as_of + horizon * timeframe_ms if as_of is not None and timeframe_ms else None
-    return {
-        "direction": s.direction, "probability": s.probability, "confidence": s.confidence,
-        "signal": s.signal, "modelType": model_type, "modelVersion": version, "horizon": int(horizon),
-        "asOf": as_of, "targetTime": target, "stale": False, "fallback": True, "reason": reason,
-        "features": {"count": 0, "sample": {}},
-    }
+                        as_of: int | None = None, timeframe_ms: int | None = None,
+                        horizons: Sequence[int] | None = None) -> dict[str, Any]:
+    """The neutral HOLD answered when there is no model, no data or an error (never scored live), at
+    `horizon`, with a neutral entry for each of `horizons` (default: that one)."""
+    hs = [int(h) for h in (horizons or [horizon])]
+    if int(horizon) not in hs:
+        hs.append(int(horizon))
+    return pick(fallback_record(model_type=model_type, version=version, horizons=hs, reason=reason, as_of=as_of,
+                                timeframe_ms=timeframe_ms), horizon)
 
 
 def with_data_lag(pred: dict[str, Any], now_ms: int, timeframe_ms: int, max_lag_bars: int) -> dict[str, Any]:

@@ -4,7 +4,9 @@ through the Storage actor after every close, so it survives any restart).
 
 `advance(document, bars, prediction, volatility)` is one close: the bars closed since the last one the
 account saw (older or repeated bars are ignored, so a replay after a restart moves nothing twice),
-then the forecast made at the close of the newest bar. A fallback prediction (no model answer)
+then the forecast made at the close of the newest bar. Its volatility is the one the prediction
+serves for its horizon (`served_volatility`, source `model`); the caller passes the naive trailing
+forecast (source `naive`) only for a model answer without one, and the document says which was used. A fallback prediction (no model answer)
 opens nothing; its bar still moves an open trade. The document keeps the newest `MAX_TRADES` trades
 and `MAX_CURVE` equity points; `view` reports the numbers over what is kept, beside buying and
 holding over the same bars.
@@ -20,6 +22,7 @@ from ml.simulation.stats import summary
 from ml.simulation.trades import Bar, Forecast, SimConfig, Simulator
 
 DOCUMENT = ("training", "simulation")  # category, name; one per pair
+MODEL, NAIVE = "model", "naive"  # where a forecast's volatility came from
 MAX_TRADES = 500
 MAX_CURVE = 2000
 RECENT_TRADES = 50
@@ -30,9 +33,22 @@ def new_document(pair: str, config: SimConfig) -> dict[str, Any]:
             "forecasts": 0}
 
 
+def served_volatility(prediction: dict[str, Any] | None) -> tuple[float | None, str | None]:
+    """(volatility, MODEL) of a model answer that serves a positive finite `volatility`, else (None, None)."""
+    if not prediction or prediction.get("fallback"):
+        return None, None
+    v = prediction.get("volatility")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+        return None, None
+    return float(v), MODEL
+
+
 def advance(doc: dict[str, Any] | None, pair: str, bars: list[Bar], prediction: dict[str, Any] | None,
-            volatility: float | None, config: SimConfig, now: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the new document, what happened: {"closed": [...], "opened": trade | None}) for one close."""
+            volatility: float | None, config: SimConfig, now: int, *, volatility_source: str | None = None
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the new document, what happened: {"closed": [...], "opened": trade | None}) for one close.
+    `volatility_source` (MODEL or NAIVE) is recorded with the forecast (`lastForecast`, and counted
+    per source in `volatilitySources`)."""
     doc = dict(doc) if doc else new_document(pair, config)
     sim = Simulator.from_state(doc["state"], config)
     closes = [list(c) for c in doc.get("closes", [])]
@@ -50,8 +66,15 @@ def advance(doc: dict[str, Any] | None, pair: str, bars: list[Bar], prediction: 
         f = Forecast(ts=newest.ts, close=newest.close, signal=str(prediction["signal"]), volatility=volatility,
                      horizon=int(prediction.get("horizon") or 1), probability=prediction.get("probability"))
         t = sim.on_forecast(f)
+        source = volatility_source if volatility is not None else None
+        doc["lastForecast"] = {"ts": int(newest.ts), "signal": f.signal, "horizon": f.horizon,
+                               "probability": f.probability, "volatility": volatility, "volatilitySource": source}
+        if source is not None:
+            counts = dict(doc.get("volatilitySources") or {})
+            counts[source] = int(counts.get(source, 0)) + 1
+            doc["volatilitySources"] = counts
         if t is not None:
-            opened = t.to_dict()
+            opened = t.to_dict() | {"volatilitySource": source}
             doc["forecasts"] = int(doc.get("forecasts", 0)) + 1
     kept = [t for t in sim.trades if not t.open][-MAX_TRADES:]
     sim.trades = kept + ([sim.position] if sim.position is not None else [])
@@ -72,5 +95,6 @@ def view(doc: dict[str, Any] | None, pair: str, timeframe_ms: int, config: SimCo
             "stats": stats, "buyAndHold": stats.pop("buyAndHold", None),
             "equityCurve": [{"ts": ts, "equity": v} for ts, v in curve[-500:]],
             "since": doc["closes"][0][0] if doc.get("closes") else None, "updatedAt": doc.get("updatedAt"),
+            "lastForecast": doc.get("lastForecast"), "volatilitySources": dict(doc.get("volatilitySources") or {}),
             "config": {"tpMult": config.tp_mult, "slMult": config.sl_mult, "feeBps": config.fee_bps,
                        "slippageBps": config.slippage_bps}}

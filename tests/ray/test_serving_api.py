@@ -36,7 +36,9 @@ BROKEN = "v20990101000000-deadbeef"
 APP = "tbml-serve-test"
 TF = 300_000
 BARS = 2500
-TINY = {"bars": 1500, "seq_len": 8, "hidden": 8, "batch_size": 256, "patience": 500}
+TINY = {"bars": 1500, "seq_len": 20, "hidden": 8, "batch_size": 256, "patience": 500}  # seq_len >= labels.vol_window
+HORIZONS = [1, 3, 6, 12]  # labels.horizons
+DEFAULT_H = 6             # labels.default_horizon
 FAST_AUTOSCALING = {
     "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
     "upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "metrics_interval_s": 0.5, "look_back_period_s": 1.5,
@@ -68,14 +70,23 @@ class _ActorStorage:
         return call
 
 
-def _train_and_register(pair: str, seed: int, storage) -> str:
+def _train_and_register(pair: str, seed: int, storage, model_type: str = "lstm") -> str:
+    """A small real model of `model_type` on the pair's synthetic candles, registered (its version)."""
     from ml.data.sources import synthetic_candles
     from ml.registry.versions import Registry
     from ml.training.config import TrainConfig
+    from ml.training.dataset import prepare_dataset
+    from ml.training.gbm import train_gbm
     from ml.training.local import train_local
 
-    cfg = TrainConfig.from_settings(pair, "lstm", epochs=1, bars=1500, seed=seed, threads=1)
-    result = train_local(cfg, synthetic_candles(pair, bars=1500))
+    candles = synthetic_candles(pair, bars=1500)
+    if model_type == "lightgbm":
+        cfg = TrainConfig.from_settings(pair, model_type, bars=1500, seed=seed, threads=1,
+                                        lightgbm={"n_estimators": 40, "early_stopping_rounds": 10})
+        result = train_gbm(cfg, prepare_dataset(candles, cfg))
+    else:
+        cfg = TrainConfig.from_settings(pair, model_type, epochs=1, bars=1500, seed=seed, threads=1)
+        result = train_local(cfg, candles)
     return Registry(storage).register(pair, result)["version"]
 
 
@@ -107,6 +118,8 @@ def served(ray_cluster, redis_server):
     v1 = _train_and_register("SVA", 7, remote)
     v2 = _train_and_register("SVA", 8, remote)
     ray.get(storage.set_production.remote("SVA", "lstm", v1, "test fixture"))
+    g1 = _train_and_register("SVA", 7, remote, "lightgbm")
+    ray.get(storage.set_production.remote("SVA", "lightgbm", g1, "test fixture"))
     meta = ray.get(storage.get_version_meta.remote("SVA", "lstm", v1))
     meta = {k: v for k, v in meta.items() if k not in ("files", "version", "pair", "modelType", "savedAt")}
     scaler = ray.get(storage.read_model_file.remote("SVA", "lstm", v1, "scaler.json"))
@@ -142,7 +155,7 @@ def served(ray_cluster, redis_server):
     client = httpx.Client(base_url=base, timeout=60)
     _wait_for(lambda: client.get("/api/ping").status_code == 200, 120, what="the HTTP proxy")
     ctx = {"base": base, "port": port, "client": client, "data_dir": data_dir, "store": store, "v1": v1,
-           "v2": v2, "storage": storage, "queue": queue, "queue_name": queue_name, "namespace": ns,
+           "v2": v2, "g1": g1, "storage": storage, "queue": queue, "queue_name": queue_name, "namespace": ns,
            "redis": redis_server, "monitor_name": monitor_name}
     try:
         yield ctx
@@ -231,8 +244,9 @@ def test_prediction_is_real_cached_and_recomputed_on_new_candle_and_new_version(
     first = PredictionResponse.model_validate(_json(c.get("/api/predictions/SVA")))
     p = first.prediction
     assert not p.fallback and p.reason is None, p
-    assert (p.modelType, p.modelVersion, p.horizon) == ("lstm", v1, 5)
-    assert p.asOf == end + TF and p.targetTime == p.asOf + 5 * TF
+    assert (p.modelType, p.modelVersion, p.horizon) == ("lstm", v1, DEFAULT_H)
+    assert p.asOf == end + TF and p.targetTime == p.asOf + DEFAULT_H * TF
+    assert p.volatility is not None and p.volatility > 0 and list(p.horizons) == [str(h) for h in HORIZONS]
     assert 0.0 <= p.probability <= 1.0 and abs(p.confidence - abs(p.probability - 0.5) * 2) < 1e-6
     assert p.features.count == 136 and "rsi_14" in p.features.sample
     assert first.cached is False and first.responseTime > 0
@@ -308,6 +322,8 @@ def test_fallbacks_and_all_pairs(served):
     assert p.fallback is True and "no production" in p.reason
     assert (p.direction, p.signal, p.probability, p.confidence) == ("neutral", "HOLD", 0.5, 0.0)
     assert p.modelVersion is None and p.asOf is not None
+    assert p.volatility is None and p.horizon == DEFAULT_H and list(p.horizons) == [str(h) for h in HORIZONS]
+    assert all((e.probability, e.signal, e.volatility) == (0.5, "HOLD", None) for e in p.horizons.values())
 
     # a pair whose production model cannot be loaded: a fallback that names the failure, not cached
     for _ in range(2):
@@ -333,6 +349,124 @@ def test_fallbacks_and_all_pairs(served):
     assert lstm["versions"] >= 2 and "allowed" in lstm["training"]
     assert "brier" in lstm["production"]["metrics"] and lstm["production"]["trainedAt"] > 0
     assert _json(c.get("/api/models/SVB/status"))["models"]["lstm"]["hasModel"] is False
+
+
+# ============================================================================================ horizons, ensemble
+
+
+def _top(p) -> dict:
+    """The horizon fields at the top of a prediction, shaped like an entry of its `horizons` block."""
+    return {k: p[k] for k in ("direction", "probability", "confidence", "signal", "volatility", "targetTime")}
+
+
+def test_every_horizon_in_one_answer_each_classified_on_its_own(served):
+    """One all-horizon answer per model version and candle: every `?horizon=` is a cache hit of the
+    same record, its entry at the top; each horizon has its own signal and a positive volatility."""
+    from deployments.schemas import PredictionResponse
+    from ml.data.sources import synthetic_candles
+    from ml.serving.signals import classify
+
+    c, store = served["client"], served["store"]
+    end = store.coverage("SVA")["end"]  # a new candle: keys no earlier test has seen
+    assert store.append("SVA", synthetic_candles("SVA", bars=1, end_ts=end + TF)) == 1
+    ingress_sees_candle(c, "SVA", end + TF)
+    for model in ("lstm", "lightgbm"):
+        first = _json(c.get("/api/predictions/SVA", params={"model": model, "bypassCache": "true"}))
+        PredictionResponse.model_validate(first)
+        p = first["prediction"]
+        assert not p["fallback"] and p["modelType"] == model and p["horizon"] == DEFAULT_H, p
+        assert list(p["horizons"]) == [str(h) for h in HORIZONS]
+        assert _top(p) == p["horizons"][str(DEFAULT_H)]
+        for h, e in p["horizons"].items():
+            s = classify(e["probability"])
+            assert (e["direction"], e["signal"]) == (s.direction, s.signal), (model, h, e)  # its own signal
+            assert e["volatility"] > 0 and e["targetTime"] == p["asOf"] + int(h) * TF
+        vols = [p["horizons"][str(h)]["volatility"] for h in HORIZONS]
+        assert vols == sorted(vols)  # sqrt(h * per-bar variance): a longer horizon moves more
+        for h in HORIZONS:
+            r = _json(c.get("/api/predictions/SVA", params={"model": model, "horizon": h}))
+            q = r["prediction"]
+            assert r["cached"] is (h != HORIZONS[0]), (model, h, r["cached"])  # one compute for all horizons
+            assert q["horizon"] == h and q["horizons"] == p["horizons"] and _top(q) == p["horizons"][str(h)]
+
+
+def test_the_ensemble_answers_its_best_member_until_one_is_promoted_then_combines(served):
+    """model=ensemble (= ?ensemble=true): without a production ensemble the member with the lowest test
+    Brier answers and says so; with one (a registry document naming member versions, weights and
+    biases) the members' forecasts are combined by ml.serving.ensemble.combine. SVA keeps that
+    production ensemble for the rest of the module (the registry cannot unset production); the later
+    tests ask the default model type."""
+    import json
+    import math
+
+    import ray
+
+    from deployments.schemas import AllPredictionsResponse, PredictionResponse
+
+    c, storage, v1, g1 = served["client"], served["storage"], served["v1"], served["g1"]
+    members = {"lstm": _json(c.get("/api/predictions/SVA", params={"model": "lstm"}))["prediction"],
+               "lightgbm": _json(c.get("/api/predictions/SVA", params={"model": "lightgbm"}))["prediction"]}
+    assert members["lstm"]["asOf"] == members["lightgbm"]["asOf"] and members["lstm"]["modelVersion"] == v1
+    brier = {mt: ray.get(storage.get_version_meta.remote("SVA", mt, v))["metrics"]["model"]["brier"]
+             for mt, v in (("lstm", v1), ("lightgbm", g1))}
+    best = min(brier, key=lambda mt: (brier[mt], mt != "lstm"))
+
+    one = _json(c.get("/api/predictions/SVA", params={"model": "ensemble"}))
+    PredictionResponse.model_validate(one)
+    p = one["prediction"]
+    assert p["ensemble"]["promoted"] is False and p["ensemble"]["answeredBy"] == best, p["ensemble"]
+    assert "no promoted ensemble" in p["ensemble"]["reason"] and best in p["ensemble"]["reason"]
+    assert {k: v for k, v in p.items() if k != "ensemble"} == members[best]
+    flag = _json(c.get("/api/predictions/SVA", params={"ensemble": "true"}))
+    assert flag["prediction"] == p and flag["cached"] is True
+    assert _json(c.get("/api/predictions/SVA", params={"ensemble": "true", "model": "ensemble"}))["prediction"] == p
+    for bad in ({"ensemble": "true", "model": "lstm"}, {"ensemble": "true", "model": "lightgbm"}):
+        r = c.get("/api/predictions/SVA", params=bad)
+        assert r.status_code == 422 and _json(r)["error"] == "conflicting_parameters", r.text
+        assert "ensemble=true" in _json(r)["message"]
+    r = c.get("/api/predictions/SVA", params={"model": "ensemble", "horizon": 5})
+    assert r.status_code == 422 and _json(r)["error"] == "invalid_horizon"
+    none = _json(c.get("/api/predictions/SVB", params={"model": "ensemble"}))["prediction"]
+    assert none["fallback"] is True and none["ensemble"]["answeredBy"] is None
+
+    # an operator puts an ensemble document in production (the registry does so when one beats its members)
+    weights = {str(h): {"lstm": 0.7, "lightgbm": 0.5} for h in HORIZONS}
+    bias = {str(h): 0.02 for h in HORIZONS}
+    doc = {"members": {"lstm": v1, "lightgbm": g1}, "horizons": HORIZONS, "weights": weights, "bias": bias,
+           "volatility": "mean_log_variance"}
+    meta = {**doc, "modelType": "ensemble", "trainedAt": int(time.time() * 1000), "bestMember": best,
+            "model": {"type": "ensemble", "horizons": HORIZONS, "n_horizons": len(HORIZONS),
+                      "members": ["lstm", "lightgbm"]}}
+    version = "v20990101000001-e0e0e0e0"
+    ray.get(storage.save_model_version.remote("SVA", "ensemble", version, meta,
+                                              {"ensemble.json": json.dumps(doc).encode()}))
+    ray.get(storage.set_production.remote("SVA", "ensemble", version, "test: an operator's ensemble"))
+
+    def combined():
+        body = _json(c.get("/api/predictions/SVA", params={"ensemble": "true"}))
+        return body if body["prediction"]["ensemble"]["promoted"] else None
+
+    ens = _wait_for(combined, 30, interval=0.2, what="the ingress to see the production ensemble")
+    PredictionResponse.model_validate(ens)
+    q = ens["prediction"]
+    assert (q["modelType"], q["modelVersion"], q["fallback"], q["horizon"]) == ("ensemble", version, False, DEFAULT_H)
+    assert q["ensemble"] == {"promoted": True, "version": version, "answeredBy": "ensemble",
+                             "members": {"lstm": v1, "lightgbm": g1}, "reason": None}
+
+    def logit(x: float) -> float:
+        return math.log(x / (1 - x))
+
+    for h in HORIZONS:
+        e, a, b = q["horizons"][str(h)], members["lstm"]["horizons"][str(h)], members["lightgbm"]["horizons"][str(h)]
+        want = 1 / (1 + math.exp(-(0.02 + 0.7 * logit(a["probability"]) + 0.5 * logit(b["probability"]))))
+        assert e["probability"] == pytest.approx(want, abs=1e-4), h
+        assert e["volatility"] == pytest.approx(math.sqrt(a["volatility"] * b["volatility"]), rel=1e-4), h
+    assert _top(q) == q["horizons"][str(DEFAULT_H)]
+    again = _json(c.get("/api/predictions/SVA", params={"model": "ensemble", "horizon": 1}))
+    assert again["cached"] is True and again["prediction"]["horizons"] == q["horizons"]
+    every = AllPredictionsResponse.model_validate(_json(c.get("/api/predictions", params={"ensemble": "true"})))
+    assert every.predictions["SVA"].modelType == "ensemble" and every.predictions["SVA"].ensemble.promoted is True
+    assert every.predictions["SVB"].fallback is True
 
 
 # ============================================================================================ bad input
@@ -548,17 +682,18 @@ def test_two_predictor_replicas_share_the_redis_cache(served):
     try:
         # a candle ts deep in the history that no other test used: the features key is new everywhere
         ts = served["store"].coverage("SVA")["start"] + 1000 * TF
-        req = {"pair": "SVA", "modelType": "lstm", "version": served["v1"], "candleTs": ts, "horizon": 5}
+        req = {"pair": "SVA", "modelType": "lstm", "version": served["v1"], "candleTs": ts}
         first = handle.predict.remote(req).result(timeout_s=120)
         assert first["featuresCached"] is False and not first["prediction"]["fallback"], first
-        assert first["prediction"]["asOf"] == ts + TF
+        assert first["prediction"]["asOf"] == ts + TF and list(first["prediction"]["horizons"]) == \
+            [str(h) for h in HORIZONS]
         seen = {first["replica"]: first}
         deadline = time.monotonic() + 60
         other = None
         while other is None and time.monotonic() < deadline:
             out = handle.predict.remote(req).result(timeout_s=60)
             assert out["featuresCached"] is True, out  # never computed twice
-            assert out["prediction"]["probability"] == first["prediction"]["probability"]
+            assert out["prediction"]["horizons"] == first["prediction"]["horizons"]
             if out["replica"] != first["replica"] and other is None:
                 other = out
                 assert out["featuresSource"] == "redis", out  # the other replica's window, via Redis
@@ -676,7 +811,7 @@ def test_served_predictions_resolve_after_the_horizon_and_the_accuracy_endpoint_
     # not configured: the ingress finds the pair in the candle store (it re-lists it every few seconds)
     first = PredictionResponse.model_validate(_wait_for(predict, 30, what=f"{LIVE} to be served")).prediction
     assert not first.fallback and first.modelVersion == v1, first
-    assert first.asOf == end + TF and first.targetTime == end + 6 * TF
+    assert first.asOf == end + TF and first.targetTime == end + (1 + DEFAULT_H) * TF
     assert _json(c.get(f"/api/predictions/{LIVE}"))["cached"] is True  # the same prediction, served again
 
     # the streaming feed, one bar on (its clock set to the next bar's close): a new prediction

@@ -58,9 +58,12 @@ def test_the_openapi_document_is_built_from_the_settings():
     no token is configured), 405/OPTIONS-relevant methods as declared."""
     from deployments.ingress import app
     from deployments.openapi import api_document
+    from ml.serving.model_ids import accepted_types
 
+    types = accepted_types(["lstm", "cnn"])
+    assert types == ["lstm", "cnn", "ensemble"]
     for token_required in (True, False):
-        doc = api_document(app, model_types=["lstm", "cnn"], horizons=[3, 5], pairs=["BTC"],
+        doc = api_document(app, model_types=types, horizons=[3, 5], pairs=["BTC"],
                            token_required=token_required)
         for path, ops in doc["paths"].items():
             for method, op in ops.items():
@@ -68,7 +71,7 @@ def test_the_openapi_document_is_built_from_the_settings():
                 assert "500" in codes, (method, path)
                 for p in op.get("parameters", []):
                     if p["name"] == "model":
-                        assert p["schema"]["enum"] == ["lstm", "cnn"]
+                        assert p["schema"]["enum"] == types
                     if p["name"] == "horizon":
                         assert p["schema"] == {"type": "integer", "enum": [3, 5], "title": "Horizon"}
                 if method == "get":
@@ -84,6 +87,12 @@ def test_the_openapi_document_is_built_from_the_settings():
         assert body["additionalProperties"] is False and {"maxAgeHours", "force"} == set(body["properties"])
         assert body["anyOf"][0] == {"properties": {"maxAgeHours": {"minimum": 1.0}}}
         cooldowns = doc["components"]["schemas"]["ClearCooldownsBody"]["properties"]["modelType"]
-        assert cooldowns["anyOf"][0]["enum"] == ["lstm", "cnn"]
+        assert cooldowns["anyOf"][0]["enum"] == types
+        for path in ("/api/predictions/{pair}", "/api/predictions"):  # ?ensemble=true, a boolean
+            params = {p["name"]: p for p in doc["paths"][path]["get"]["parameters"]}
+            assert params["ensemble"]["schema"]["type"] == "boolean" and params["ensemble"]["in"] == "query"
+        prediction = doc["components"]["schemas"]["Prediction"]
+        assert {"volatility", "horizons", "ensemble"} <= set(prediction["properties"])
+        assert prediction["properties"]["horizons"]["additionalProperties"]["$ref"].endswith("/HorizonForecast")
         assert "HTTPValidationError" not in doc["components"]["schemas"]
     assert set(doc["paths"]["/api/training/job/{job_id}"]) == {"get", "delete"}

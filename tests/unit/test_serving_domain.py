@@ -343,3 +343,164 @@ def test_accuracy_summary_judges_overall_and_per_production_version():
     assert v1["version"] == "v1" and v1["n"] == 6 and v1["degraded"] is False and "degradedReason" in v1
     assert out["n"] == 7 and out["window"] == 100 and out["minN"] == 5 and out["pending"] == 0
     assert out["brier"] == pytest.approx(rolling_stats(records, 100, reference=0.5)["brier"])
+
+
+# ------------------------------------------------------------------------------------------ all horizons
+
+SIG = {"strong": 0.7, "weak": 0.55}
+
+
+def _record(p_up, vol, horizons=(1, 3, 6, 12), **kw):
+    from ml.serving.forecast import forecast_record
+
+    args = {"model_type": "lstm", "version": "v1", "as_of": 2000, "timeframe_ms": TF, "stale": False,
+            "features": {"count": 0, "sample": {}}, **SIG, **kw}
+    return forecast_record([*p_up, *vol], list(horizons), **args)
+
+
+def test_one_record_answers_every_horizon_each_with_its_own_signal():
+    from ml.serving.forecast import outputs_of, pick, record_horizons
+
+    rec = _record([0.81, 0.5, 0.4, 0.5600004], [0.001, 0.0017320508, 0.00244949, 0.0034641016])
+    assert record_horizons(rec) == [1, 3, 6, 12]
+    signals = {h: e["signal"] for h, e in rec["horizons"].items()}
+    assert signals == {"1": "STRONG_BUY", "3": "HOLD", "6": "SELL", "12": "BUY"}  # each classified alone
+    assert rec["horizons"]["3"]["direction"] == "neutral" and rec["horizons"]["3"]["confidence"] == 0.0
+    for h, e in rec["horizons"].items():
+        assert e["targetTime"] == 2000 + int(h) * TF and e["volatility"] > 0
+        assert e["confidence"] == pytest.approx(abs(e["probability"] - 0.5) * 2, abs=1e-9)
+    assert rec["horizons"]["12"]["probability"] == 0.56 and rec["horizons"]["6"]["volatility"] == 0.00244949
+    for h in (1, 3, 6, 12):
+        p = pick(rec, h)
+        top = {k: p[k] for k in ("direction", "probability", "confidence", "signal", "volatility", "targetTime")}
+        assert top == rec["horizons"][str(h)] and p["horizon"] == h and p["horizons"] is rec["horizons"]
+        assert "forecast" not in p and p["fallback"] is False
+    with pytest.raises(KeyError):
+        pick(rec, 5)
+    # the unrounded outputs stay in the record (what an ensemble combines), in the loader's layout
+    assert outputs_of(rec).tolist() == [0.81, 0.5, 0.4, 0.5600004, 0.001, 0.0017320508, 0.00244949, 0.0034641016]
+    with pytest.raises(ValueError):
+        _record([0.5, 0.5], [0.1, 0.1])  # 2 horizons' values for 4 horizons
+
+
+def test_a_fallback_record_is_neutral_at_every_horizon_without_volatility():
+    from ml.serving.forecast import fallback_record, outputs_of, pick
+
+    fb = fallback_record(model_type="lstm", version=None, horizons=[1, 6], reason="no model", as_of=1000,
+                         timeframe_ms=TF)
+    assert outputs_of(fb) is None
+    for h in (1, 6):
+        p = pick(fb, h)
+        assert (p["probability"], p["signal"], p["volatility"], p["fallback"]) == (0.5, "HOLD", None, True)
+        assert p["reason"] == "no model" and p["targetTime"] == 1000 + h * TF
+    assert fallback_prediction(model_type="lstm", version=None, horizon=6, horizons=[1, 3, 6], reason="x")[
+        "horizons"].keys() == {"1", "3", "6"}
+
+
+def test_default_horizon_and_volatility_rounding():
+    from ml.serving.forecast import default_horizon, round_volatility
+
+    assert default_horizon([1, 3, 6, 12], 6) == 6 and default_horizon([5], 6) == 5  # an older version
+    assert round_volatility(0.0012345678) == 0.00123457
+    assert round_volatility(float("nan")) is None and round_volatility(-1.0) is None and round_volatility(None) is None
+
+
+def test_the_prediction_schema_documents_the_new_fields():
+    from deployments.schemas import Prediction, PredictionResponse
+    from ml.serving.forecast import pick
+
+    rec = _record([0.6, 0.52, 0.45, 0.25], [0.001, 0.002, 0.003, 0.004])
+    p = Prediction.model_validate(pick(rec, 6))
+    assert p.volatility == 0.003 and set(p.horizons) == {"1", "3", "6", "12"} and p.ensemble is None
+    assert p.horizons["12"].signal == "STRONG_SELL"
+    fb = Prediction.model_validate(fallback_prediction(model_type="lstm", version=None, horizon=6,
+                                                       horizons=[1, 6], reason="no model"))
+    assert fb.volatility is None and fb.horizons["1"].volatility is None
+    schema = PredictionResponse.model_json_schema()
+    assert {"volatility", "horizons", "ensemble"} <= set(schema["$defs"]["Prediction"]["properties"])
+
+
+# ------------------------------------------------------------------------------------------ ensemble
+
+
+def _prod(version, brier, horizons=(1, 3, 6, 12), **meta):
+    return production_from({"version": version}, {"model": {"horizons": list(horizons)},
+                                                   "metrics": {"model": {"brier": brier}}, **meta})
+
+
+def test_without_a_promoted_ensemble_the_best_member_answers_and_says_why():
+    from ml.serving.ensemble_choice import choose
+
+    prods = {"lstm": _prod("v1", 0.249), "lightgbm": _prod("g1", 0.2471)}
+    c = choose("BTC", ["lstm", "lightgbm"], prods, None, [1, 3, 6, 12])
+    assert not c.combine and c.answered_by == "lightgbm" and c.horizons == [1, 3, 6, 12]
+    block = c.block()
+    assert block["promoted"] is False and block["answeredBy"] == "lightgbm"
+    assert "no promoted ensemble for BTC" in block["reason"] and "0.2471" in block["reason"]
+    # only the members that have a model; ties and missing numbers: model.enabled_types order
+    assert choose("BTC", ["lstm", "lightgbm"], {"lstm": None, "lightgbm": prods["lightgbm"]}, None,
+                  [6]).answered_by == "lightgbm"
+    tie = {"lstm": _prod("v1", 0.25), "lightgbm": _prod("g1", 0.25)}
+    assert choose("BTC", ["lstm", "lightgbm"], tie, None, [6]).answered_by == "lstm"
+    none = choose("BTC", ["lstm", "lightgbm"], {"lstm": None, "lightgbm": None}, None, [1, 6])
+    assert none.answered_by is None and none.horizons == [1, 6] and "no member type" in none.reason
+
+
+def test_a_production_ensemble_combines_the_member_versions_it_lists():
+    from ml.serving.ensemble_choice import choose, member_briers
+
+    doc = {"members": {"lstm": "v0", "lightgbm": "g1"}, "horizons": [1, 6], "weights": {}, "bias": {},
+           "metrics": {"members": {"lstm": {"brier": 0.24}, "lightgbm": {"brier": 0.26}}}}
+    ens = production_from({"version": "e1"}, {"model": {"horizons": [1, 6]}, **doc})
+    prods = {"lstm": _prod("v1", 0.2), "lightgbm": _prod("g1", 0.3)}
+    c = choose("BTC", ["lstm", "lightgbm"], prods, ens, [1, 3, 6, 12])
+    assert c.combine and c.version == "e1" and c.horizons == [1, 6]
+    assert c.members == {"lstm": "v0", "lightgbm": "g1"}  # the versions it was fitted on, not production's
+    assert c.block() == {"promoted": True, "version": "e1", "answeredBy": "ensemble",
+                         "members": {"lstm": "v0", "lightgbm": "g1"}, "reason": None}
+    assert member_briers(doc) == {"lstm": 0.24, "lightgbm": 0.26}
+    lonely = production_from({"version": "e2"}, {"model": {"horizons": [6]}, "members": {"lstm": "v1"}})
+    one = choose("BTC", ["lstm", "lightgbm"], prods, lonely, [6])
+    assert not one.combine and one.answered_by == "lstm" and "fewer than two members" in one.reason
+
+
+def test_ensemble_parameters_and_their_conflicts():
+    from ml.serving.model_ids import accepted_types
+
+    assert accepted_types(["lstm"]) == ["lstm"]
+    assert accepted_types(["lstm", "lightgbm"]) == ["lstm", "lightgbm", "ensemble"]
+    settings = SimpleNamespace(pairs=["BTC"], data=SimpleNamespace(source="candles"))
+    store = SimpleNamespace(pairs=lambda: [])
+    params = Params(settings, store, accepted_types(["lstm", "lightgbm"]), "lstm")
+    assert params.model_query(None, True) == params.model_query("ensemble") == "ensemble"
+    assert params.model_query("ensemble", True) == "ensemble" and params.model_query("lightgbm", False) == "lightgbm"
+    with pytest.raises(ApiError) as err:
+        params.model_query("lstm", True)
+    assert err.value.status == 422 and err.value.code == "conflicting_parameters"
+    assert "ensemble=true" in err.value.message and "'lstm'" in err.value.message
+    single = Params(settings, store, accepted_types(["lstm"]), "lstm")
+    for model, ens in (("ensemble", False), (None, True)):
+        with pytest.raises(ApiError) as err:
+            single.model_query(model, ens)
+        assert err.value.status == 422 and err.value.code == "invalid_model" and "two" in err.value.message
+
+
+# ------------------------------------------------------------------------------------------ live account
+
+
+def test_the_live_account_trades_on_the_served_volatility_and_says_which_it_used():
+    from ml.simulation.live import MODEL, NAIVE, advance, served_volatility, view
+    from ml.simulation.trades import Bar, SimConfig
+
+    cfg = SimConfig(tp_mult=1.5, sl_mult=1.0, fee_bps=0.0, slippage_bps=0.0)
+    pred = {"signal": "BUY", "horizon": 6, "probability": 0.6, "volatility": 0.02, "fallback": False}
+    assert served_volatility(pred) == (0.02, MODEL)
+    for bad in ({**pred, "volatility": None}, {**pred, "volatility": 0.0}, {**pred, "fallback": True}, None):
+        assert served_volatility(bad) == (None, None)
+    doc, did = advance(None, "BTC", [Bar(0, 100, 100.5, 99.5, 100)], pred, 0.02, cfg, 0, volatility_source=MODEL)
+    assert did["opened"]["take_profit"] == pytest.approx(103.0) and did["opened"]["volatilitySource"] == MODEL
+    body = view(doc, "BTC", TF, cfg)
+    assert body["lastForecast"]["volatilitySource"] == MODEL and body["volatilitySources"] == {MODEL: 1}
+    doc, did = advance(doc, "BTC", [Bar(TF, 100, 100.2, 99.9, 100.1)], {**pred, "volatility": None}, 0.01, cfg, 1,
+                       volatility_source=NAIVE)
+    assert view(doc, "BTC", TF, cfg)["volatilitySources"] == {MODEL: 1, NAIVE: 1}
