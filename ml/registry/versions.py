@@ -188,10 +188,11 @@ class Registry:
     def load(self, pair: str, model_type: str, version: str | None = None) -> LoadedModel:
         return load_model(self.storage, pair, model_type, version)
 
-    def build_ensemble(self, pair: str, settings=None, *, store=None, candles=None):
+    def build_ensemble(self, pair: str, settings=None, *, store=None, candles=None, progress=None):
         """Build (not register) the ensemble of the enabled types' production versions of `pair`
         (ml.training.ensemble.build_from_settings; EnsembleError when it cannot be built honestly).
         `register` the result to store it under its own promotion rule."""
         from ml.training.ensemble import build_from_settings
 
-        return build_from_settings(self.storage, pair, settings, load=load_model, store=store, candles=candles)
+        return build_from_settings(self.storage, pair, settings, load=load_model, store=store, candles=candles,
+                                   progress=progress)

@@ -57,6 +57,14 @@ class EnsembleError(ValueError):
     """The ensemble cannot be built (missing members, members trained on different data, too few rows)."""
 
 
+class BuildCancelled(RuntimeError):
+    """`progress` asked the build to stop (the queue cancelled the job): nothing to register."""
+
+
+# progress(steps done, steps in all) -> True to stop the build; called after each member's forecasts
+Progress = Callable[[int, int], bool]
+
+
 def member_types(enabled: Iterable[str]) -> list[str]:
     """The model types an ensemble combines: the enabled types (never `ensemble` itself)."""
     return [str(t) for t in enabled if str(t) != ENSEMBLE_TYPE]
@@ -270,10 +278,10 @@ def _mean_metrics(reports: list[dict]) -> dict:
 
 def build_ensemble(storage, pair: str, candles: pd.DataFrame, types: Sequence[str], *, load: Loader,
                    l2: float = 1e-3, min_rows: int = 50, vol_window: int | None = None,
-                   members: dict[str, Member] | None = None) -> EnsembleResult:
+                   members: dict[str, Member] | None = None, progress: Progress | None = None) -> EnsembleResult:
     """Fit the stack of the production members of `types` on their common validation rows and score it
     on their common test rows (module docstring). `candles` must cover both (see candles_needed);
-    `members` (load_members) saves loading them again.
+    `members` (load_members) saves loading them again; `progress` may stop it (BuildCancelled).
 
     Raises EnsembleError with the reason when it cannot be built honestly.
     """
@@ -304,6 +312,14 @@ def build_ensemble(storage, pair: str, candles: pd.DataFrame, types: Sequence[st
     pos = pd.Index(close.index).get_indexer(fts)  # candle position of every feature row
 
     splits: dict[str, SplitRows] = {}
+    steps, total = 0, 2 * len(order) + 1
+
+    def step() -> None:
+        nonlocal steps
+        steps += 1
+        if progress is not None and progress(steps, total):
+            raise BuildCancelled(f"ensemble build of {pair} cancelled after {steps} of {total} steps")
+
     for name, (lo, hi) in (("val", (val_lo, val_hi)), ("test", (test_lo, test_hi))):
         rows = _rows_in(fts, valid, lo, hi)
         if len(rows) < min_rows:
@@ -313,6 +329,7 @@ def build_ensemble(storage, pair: str, candles: pd.DataFrame, types: Sequence[st
         sr = SplitRows(ts=fts[rows], rows=rows, y=y_all[rows])
         for t in order:
             sr.outputs[t] = _member_forecasts(members[t], X, rows)
+            step()
         splits[name] = sr
     val, test = splits["val"], splits["test"]
 
@@ -349,6 +366,7 @@ def build_ensemble(storage, pair: str, candles: pd.DataFrame, types: Sequence[st
                             for t in order}
         vol[str(h)] = entry
 
+    step()
     member_means = {t: _mean_metrics([per_h[str(h)]["members"][t] for h in horizons]) for t in order}
     best = min(order, key=lambda t: member_means[t]["brier"])
     metrics = {
@@ -374,7 +392,8 @@ def build_ensemble(storage, pair: str, candles: pd.DataFrame, types: Sequence[st
 
 
 def build_from_settings(storage, pair: str, settings=None, *, load: Loader, store=None,
-                        candles: pd.DataFrame | None = None, now: int | None = None) -> EnsembleResult:
+                        candles: pd.DataFrame | None = None, now: int | None = None,
+                        progress: Progress | None = None) -> EnsembleResult:
     """Build the ensemble of the enabled types with the settings' `ensemble` section; the candles come
     from the configured source as a training run reads them (the store the feed keeps), far enough
     back to cover every member's validation and test rows."""
@@ -392,4 +411,4 @@ def build_from_settings(storage, pair: str, settings=None, *, load: Loader, stor
         candles = load_candles(pair, settings, bars=bars, store=store, refresh=False)
     cfg = settings.ensemble
     return build_ensemble(storage, pair, candles, types, load=load, l2=cfg.l2, min_rows=cfg.min_rows,
-                          vol_window=settings.labels.vol_window, members=members)
+                          vol_window=settings.labels.vol_window, members=members, progress=progress)

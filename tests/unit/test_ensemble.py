@@ -22,6 +22,7 @@ from ml.storage.store import Storage
 from ml.training.config import TrainConfig
 from ml.training.ensemble import (
     ENSEMBLE_TYPE,
+    BuildCancelled,
     EnsembleError,
     build_ensemble,
     fit_stacking,
@@ -135,6 +136,11 @@ def test_weights_come_from_validation_rows_only(registry, candles):
     assert changed.metrics["model"]["brier"] != base.metrics["model"]["brier"]
     assert changed.metrics["members"]["lstm"]["brier"] != base.metrics["members"]["lstm"]["brier"]
     # and changing the validation rows does change the weights
+    steps = []
+    with pytest.raises(BuildCancelled):  # the queue's cancel reaches the build between steps
+        build_ensemble(storage, "BTC", candles, TYPES, load=load_model, members=members,
+                       progress=lambda done, total: steps.append((done, total)) or done >= 2)
+    assert steps == [(1, 5), (2, 5)]
     moved = build_ensemble(storage, "BTC", shuffled_after(candles, (val_lo + val_hi) // 2), TYPES, load=load_model, members=members)
     assert moved.weights != base.weights
 
