@@ -9,6 +9,10 @@ Conventions
   validation). With purge >= h no training label (close[e..e+h]) overlaps a validation label.
 * The scaler is fitted on the feature rows up to the last training window end (every row a
   training window can see, nothing later) and saved with the model; serving uses the saved one.
+* Volatility targets (ml.training.volatility) per end row: q_h = RV_h / NV with NV the trailing
+  per-bar variance over `vol_window` rows; rows where RV or NV is undefined are not usable ends.
+* Feature selection (ml.features.selection) is fitted on the training ends only; X_* keep every
+  column in serving order and `input_idx` names the columns the network reads.
 """
 
 from __future__ import annotations
@@ -270,10 +274,54 @@ class Dataset:
     ts_test: np.ndarray
     ranges: dict[str, list[int]] = field(default_factory=dict)
     data_range: list[int] = field(default_factory=list)
+    # volatility targets per split (None: a Dataset built without them): q = RV / NV (N, H), RV (N, H), NV (N,)
+    q_train: np.ndarray | None = None
+    q_val: np.ndarray | None = None
+    q_test: np.ndarray | None = None
+    rv_train: np.ndarray | None = None
+    rv_val: np.ndarray | None = None
+    rv_test: np.ndarray | None = None
+    nv_train: np.ndarray | None = None
+    nv_val: np.ndarray | None = None
+    nv_test: np.ndarray | None = None
+    vol_window: int | None = None
+    # the columns a model reads (names in serving order; None: all of feature_names) and the selection's record
+    input_features: list[str] | None = None
+    selection: dict | None = None
 
     @property
     def label_names(self) -> list[str]:
         return [label_name(h) for h in self.horizons]
+
+    @property
+    def has_vol_targets(self) -> bool:
+        return self.q_train is not None and self.q_val is not None
+
+    @property
+    def inputs(self) -> list[str]:
+        """The feature names the model reads (the selected ones, or all)."""
+        return list(self.input_features) if self.input_features else list(self.feature_names)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def input_idx(self) -> np.ndarray | None:
+        """Column indices into X_* of the model's inputs; None when it reads every column."""
+        if not self.input_features or list(self.input_features) == list(self.feature_names):
+            return None
+        pos = {n: i for i, n in enumerate(self.feature_names)}
+        return np.asarray([pos[n] for n in self.input_features], dtype=np.int64)
+
+    def vol_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(q, RV, NV) of a split, or None without volatility targets."""
+        if split not in SPLITS:
+            raise KeyError(split)
+        q = getattr(self, f"q_{split}")
+        if q is None:
+            return None
+        return q, getattr(self, f"rv_{split}"), getattr(self, f"nv_{split}")
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in SPLITS:
@@ -291,6 +339,8 @@ class Dataset:
             "ranges": self.ranges,
             "dataRange": self.data_range,
             "scalerFitRows": self.scaler.fit_rows,
+            "inputFeatures": self.n_inputs,
+            "volWindow": self.vol_window,
             "baseRate": {s: [float(x) for x in np.nanmean(self.arrays(s)[1], axis=0)]
                          if len(self.arrays(s)[1]) else None for s in SPLITS},
         }
@@ -316,6 +366,8 @@ def build_dataset(
     purge: int | None = None,
     *,
     materialize: bool = True,
+    vol_window: int | None = None,
+    select_k: int | None = None,
 ) -> Dataset:
     """Scaled windows and labels of a chronological train/val/test split.
 
@@ -327,6 +379,9 @@ def build_dataset(
     materialize=False returns the X_* arrays as read-only strided views over one scaled matrix
     where a split's ends are contiguous (N * seq_len * F float32 copies are the memory cost
     otherwise, e.g. 20k rows x 60 x 90 features = 430 MB).
+
+    vol_window: also the volatility targets (q, RV, NV per split; ends need them defined).
+    select_k: choose that many input features on the training ends (ml.features.selection).
     """
     hs = _check_horizons(horizons)
     if not isinstance(features, pd.DataFrame) or features.shape[1] == 0:
@@ -350,10 +405,24 @@ def build_dataset(
         raise ValueError(f"non-finite feature values in: {', '.join(cols[:10])}")
 
     max_h = max(hs)
-    split = chronological_split(len(X), seq_len, fractions, purge, horizon=max_h,
-                                valid=~np.isnan(y_all).any(axis=1))
+    valid = ~np.isnan(y_all).any(axis=1)
+    vol: dict[str, np.ndarray] = {}
+    if vol_window is not None:
+        from ml.training.volatility import vol_targets
+
+        q, rv, nv = vol_targets(close.to_numpy(dtype=np.float64), hs, int(vol_window))
+        at = np.asarray(close.index.get_indexer(fts))
+        vol = {"q": q[at], "rv": rv[at], "nv": nv[at]}
+        valid &= np.isfinite(vol["q"]).all(axis=1)
+    split = chronological_split(len(X), seq_len, fractions, purge, horizon=max_h, valid=valid)
     scaler = StandardScaler(names).fit(X[: int(split.train[-1]) + 1])
     Xs = scaler.transform(X.astype(np.float32))
+    selection = None
+    if select_k is not None and select_k < len(names):
+        from ml.features.selection import select_features
+
+        tr = split.train
+        selection = select_features(X[tr], names, select_k, y_all[tr], vol["q"][tr] if vol else None)
 
     out: dict[str, np.ndarray] = {}
     ranges: dict[str, list[int]] = {}
@@ -361,10 +430,15 @@ def build_dataset(
         out[f"X_{name}"] = windows_at(Xs, ends, seq_len, materialize)
         out[f"y_{name}"] = y_all[ends].astype(np.float32)
         out[f"ts_{name}"] = fts[ends]
+        for key, arr in vol.items():
+            out[f"{key}_{name}"] = arr[ends].astype(np.float64)
         ranges[name] = [int(fts[ends[0]]), int(fts[ends[-1]])] if len(ends) else []
     return Dataset(
         scaler=scaler, feature_names=names, horizons=hs, seq_len=int(seq_len), purge=split.purge,
-        split=split, ranges=ranges, data_range=[int(fts[0]), int(fts[-1])], **out,
+        split=split, ranges=ranges, data_range=[int(fts[0]), int(fts[-1])],
+        vol_window=int(vol_window) if vol_window is not None else None,
+        input_features=selection.names if selection else None,
+        selection=selection.to_dict() if selection else None, **out,
     )
 
 
@@ -398,7 +472,7 @@ def prepare_dataset(candles: pd.DataFrame, cfg: TrainConfig) -> Dataset:
     close = pd.Series(np.asarray(candles["close"], dtype=np.float64),
                       index=np.asarray(candles["ts"], dtype=np.int64))
     return build_dataset(features, close, cfg.horizons, cfg.seq_len, cfg.fractions, cfg.purge,
-                         materialize=False)
+                         materialize=False, vol_window=cfg.model_vol_window, select_k=cfg.select_k)
 
 
 def load_training_candles(cfg: TrainConfig, settings=None, store=None, *, refresh: bool = True) -> pd.DataFrame:
@@ -429,10 +503,15 @@ def pack_dataset(dataset: Dataset, splits: tuple[str, ...] = ("train", "val", "t
         else:
             entry = {"X": np.ascontiguousarray(X, dtype=np.float32)}
         entry.update(y=np.ascontiguousarray(y), ends=np.asarray(ends), ts=np.asarray(ts))
+        va = dataset.vol_arrays(name)
+        if va is not None:
+            keep = slice(None) if name in splits else slice(0, 0)
+            entry.update(q=va[0][keep], rv=va[1][keep], nv=va[2][keep])
         out["splits"][name] = entry
     out.update(scaler=dataset.scaler.to_json(), feature_names=list(dataset.feature_names),
                horizons=list(dataset.horizons), purge=dataset.purge, ranges=dict(dataset.ranges),
-               data_range=list(dataset.data_range))
+               data_range=list(dataset.data_range), vol_window=dataset.vol_window,
+               input_features=dataset.input_features, selection=dataset.selection)
     return out
 
 
@@ -445,12 +524,17 @@ def unpack_dataset(packed: dict) -> Dataset:
         arrays[f"X_{name}"] = _window_view(entry["block"], seq_len) if "block" in entry else entry["X"]
         arrays[f"y_{name}"] = entry["y"]
         arrays[f"ts_{name}"] = entry["ts"]
+        for key in ("q", "rv", "nv"):
+            if key in entry:
+                arrays[f"{key}_{name}"] = entry[key]
         ends[name] = entry["ends"]
     return Dataset(
         scaler=StandardScaler.from_json(packed["scaler"]), feature_names=list(packed["feature_names"]),
         horizons=list(packed["horizons"]), seq_len=seq_len, purge=int(packed["purge"]),
         split=SplitIndices(train=ends["train"], val=ends["val"], test=ends["test"], purge=int(packed["purge"])),
-        ranges=dict(packed["ranges"]), data_range=list(packed["data_range"]), **arrays,
+        ranges=dict(packed["ranges"]), data_range=list(packed["data_range"]),
+        vol_window=packed.get("vol_window"), input_features=packed.get("input_features"),
+        selection=packed.get("selection"), **arrays,
     )
 
 
@@ -460,3 +544,13 @@ def train_arrays(dataset: Dataset, cfg: TrainConfig) -> tuple[np.ndarray, np.nda
     if cfg.max_train_samples and len(y) > cfg.max_train_samples:
         X, y = X[-cfg.max_train_samples:], y[-cfg.max_train_samples:]
     return X, y
+
+
+def train_vol_targets(dataset: Dataset, cfg: TrainConfig) -> np.ndarray | None:
+    """The training rows' q = RV / NV (cut like train_arrays), or None without volatility targets."""
+    q = dataset.q_train
+    if q is None:
+        return None
+    if cfg.max_train_samples and len(q) > cfg.max_train_samples:
+        q = q[-cfg.max_train_samples:]
+    return q

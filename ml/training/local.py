@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from ml.training.config import TrainConfig
+from ml.training.config import GBM_TYPE, TrainConfig
 from ml.training.dataset import Dataset, load_training_candles, prepare_dataset
 from ml.training.loop import TrainingCancelled, fit, new_model
 from ml.training.nets import deterministic
@@ -19,9 +19,13 @@ from ml.training.result import TrainResult, build_result
 
 def train_on_dataset(cfg: TrainConfig, dataset: Dataset, *, on_epoch=None, should_stop=None) -> TrainResult:
     """New model, fit, calibrate + evaluate: a prepared Dataset -> TrainResult (TrainingCancelled on a stop)."""
+    if cfg.model_type == GBM_TYPE:  # boosted trees: their own fit, the same result (ml.training.gbm)
+        from ml.training.gbm import train_gbm
+
+        return train_gbm(cfg, dataset, on_epoch=on_epoch, should_stop=should_stop)
     t0 = time.perf_counter()
     with deterministic(cfg.seed, cfg.torch_threads()):
-        model = new_model(cfg, len(dataset.feature_names))
+        model = new_model(cfg, dataset.n_inputs)
     fr = fit(model, dataset, cfg, on_epoch=on_epoch, should_stop=should_stop)
     if fr.cancelled:
         raise TrainingCancelled(f"training of {cfg.pair}/{cfg.model_type} cancelled after {fr.epochs_run} epoch(s)")

@@ -1,7 +1,9 @@
 """`fit`: the one training loop, run in-process (ml.training.local) and inside Ray Train workers.
 
-Mini-batch AdamW on BCE-with-logits, early stopping on the validation loss with the best weights
-restored. Determinism: `fit` seeds torch (dropout) and numpy (shuffling) from `cfg.seed`, turns on
+Mini-batch AdamW on the total loss = BCE-with-logits of the direction logits + `vol_loss_weight` x
+the gamma (QLIKE) loss q * exp(-o) + o of the log-variance ratios o against q = RV / NV
+(ml.training.volatility). Early stopping on the validation TOTAL with the best weights restored. A
+Dataset without volatility targets trains the direction logits only (BCE). Determinism: `fit` seeds torch (dropout) and numpy (shuffling) from `cfg.seed`, turns on
 torch's deterministic algorithms and fixes the thread count, so the same seed, data and thread
 count give bit-identical probabilities; `new_model` seeds the initial weights.
 """
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from ml.training.config import TrainConfig
-from ml.training.dataset import Dataset, train_arrays
+from ml.training.dataset import Dataset, train_arrays, train_vol_targets
 from ml.training.nets import build_model, clone_state, deterministic, predict_logits, unwrap
 
 
@@ -27,9 +29,12 @@ class TrainingCancelled(RuntimeError):
 
 
 def new_model(cfg: TrainConfig, n_features: int) -> nn.Module:
-    """A model for the config, initialised from `cfg.seed` (same seed, same initial weights)."""
+    """A model for the config, initialised from `cfg.seed` (same seed, same initial weights).
+
+    n_features is the number of inputs the model reads (Dataset.n_inputs after a feature selection).
+    It has the volatility head (2 x horizons outputs)."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model_type, n_features, len(cfg.horizons), **cfg.model_kwargs())
+    return build_model(cfg.model_type, n_features, len(cfg.horizons), volatility=True, **cfg.model_kwargs())
 
 
 def _broadcast_from_rank0(x: float) -> float:
@@ -44,6 +49,23 @@ def _broadcast_from_rank0(x: float) -> float:
 
 def _bce(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, logits) - y * logits))
+
+
+def gamma_loss(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """mean(q * exp(-o) + o): the gamma deviance with a log link up to constants (QLIKE); minimised at
+    o = ln E[q | x], and o = 0 is the naive trailing forecast (ml.training.volatility)."""
+    return (q * torch.exp(-o.clamp(min=-30.0, max=30.0)) + o).mean()
+
+
+def validation_losses(outputs: np.ndarray, y: np.ndarray, q: np.ndarray | None, vol_weight: float) -> dict:
+    """{"bce", "vol" (None without targets), "total"} of eval-mode outputs on the validation rows."""
+    h = y.shape[1]
+    bce = _bce(outputs[:, :h], y)
+    if q is None or outputs.shape[1] < 2 * h:
+        return {"bce": bce, "vol": None, "total": bce}
+    o = np.clip(outputs[:, h:2 * h], -30.0, 30.0)
+    vol = float(np.mean(q * np.exp(-o) + o))
+    return {"bce": bce, "vol": vol, "total": bce + vol_weight * vol}
 
 
 @dataclass
@@ -67,7 +89,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
         start_state: dict | None = None,
         on_checkpoint: Callable[[dict], None] | None = None,
         shard: tuple[int, int] | None = None) -> FitResult:
-    """Train `model` in place; early stopping on validation loss; best weights restored at the end.
+    """Train `model` in place; early stopping on the validation total loss (BCE + vol_loss_weight x
+    gamma loss, BCE alone without volatility targets); best weights restored at the end.
 
     on_epoch(dict(epoch, total, loss, val_loss, best_val_loss, elapsed_s, epoch_s, eta_s)) after
     every epoch (epoch counts from 1). should_stop() is polled between batches; when it returns
@@ -80,10 +103,16 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
     """
     rank, world = shard or (0, 1)
     X, y = train_arrays(dataset, cfg)
+    q = train_vol_targets(dataset, cfg)
     n = len(y)
     if n == 0:
         raise ValueError("no training windows")
     X_val, y_val = dataset.X_val, dataset.y_val.astype(np.float64)
+    q_val = None if dataset.q_val is None else np.asarray(dataset.q_val, dtype=np.float64)
+    cols = dataset.input_idx
+    n_h = y.shape[1]
+    vol_weight = float(cfg.vol_loss_weight)
+    use_vol = q is not None and vol_weight > 0
     core = unwrap(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -120,10 +149,15 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
                     cancelled = True
                     break
                 idx = np.sort(order[i:i + batch])  # sorted: faster gathers from the strided view
-                xb = torch.from_numpy(np.ascontiguousarray(X[idx], dtype=np.float32))
+                xw = X[idx] if cols is None else X[idx][:, :, cols]
+                xb = torch.from_numpy(np.ascontiguousarray(xw, dtype=np.float32))
                 yb = torch.from_numpy(np.ascontiguousarray(y[idx], dtype=np.float32))
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
+                out = model(xb)
+                loss = loss_fn(out[:, :n_h], yb)
+                if use_vol:
+                    qb = torch.from_numpy(np.ascontiguousarray(q[idx], dtype=np.float32))
+                    loss = loss + vol_weight * gamma_loss(out[:, n_h:2 * n_h], qb)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -134,7 +168,9 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
                 stopped = "cancelled"
                 epoch -= 1
                 break
-            val_loss = _bce(predict_logits(core, X_val), y_val)
+            parts = validation_losses(predict_logits(core, X_val, cols=cols), y_val,
+                                      q_val if use_vol else None, vol_weight)
+            val_loss = parts["total"]
             if world > 1:  # every rank takes rank 0's value, so early stopping agrees everywhere
                 val_loss = _broadcast_from_rank0(val_loss)
             improved = val_loss < best_val - 1e-6
@@ -149,7 +185,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
             remaining = cfg.epochs - epoch
             info = {
                 "epoch": epoch, "total": cfg.epochs, "loss": total_loss / max(seen, 1),
-                "val_loss": val_loss, "best_val_loss": best_val, "best_epoch": best_epoch,
+                "val_loss": val_loss, "val_bce": parts["bce"], "val_vol": parts["vol"],
+                "best_val_loss": best_val, "best_epoch": best_epoch,
                 "improved": improved, "elapsed_s": now - t_start, "epoch_s": epoch_s,
                 "samples_per_s": seen / epoch_s if epoch_s > 0 else float("nan"),
                 "eta_s": (now - t_start) / done * remaining,

@@ -195,14 +195,21 @@ def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-    """Raw outputs (N, n_outputs) float64 in eval mode (direction logits, then log-variance ratios)."""
+def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 2048,
+                   cols: np.ndarray | None = None) -> np.ndarray:
+    """Raw outputs (N, n_outputs) float64 in eval mode (direction logits, then log-variance ratios).
+
+    cols: the input columns of X the model reads (a selected feature subset), None = all.
+    """
     core = unwrap(model)
     was_training = core.training
     core.eval()
     out = []
     for i in range(0, len(X), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(X[i:i + batch_size], dtype=np.float32))
+        chunk = X[i:i + batch_size]
+        if cols is not None:
+            chunk = chunk[:, :, cols]
+        xb = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
         out.append(core(xb).double().numpy())
     core.train(was_training)
     if not out:

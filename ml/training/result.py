@@ -11,9 +11,10 @@ from torch import nn
 from ml.clock import now_ms
 from ml.training.config import TrainConfig
 from ml.training.dataset import Dataset
-from ml.training.evaluate import calibrate_and_evaluate
+from ml.training.evaluate import calibrate_and_evaluate, network_outputs
 from ml.training.loop import FitResult
 from ml.training.nets import count_params, state_to_bytes, unwrap
+from ml.training.volatility import predicted_variance
 
 
 @dataclass
@@ -39,7 +40,10 @@ class TrainResult:
     train_seconds: float
     test_ts: np.ndarray | None = None    # prediction times of the test rows
     test_probs: np.ndarray | None = None  # calibrated P(up) (n_test, n_horizons)
+    test_var: np.ndarray | None = None    # predicted per-bar variance (n_test, n_horizons); None without targets
     run_info: dict = field(default_factory=lambda: {"runner": "local"})
+    input_features: list[str] | None = None  # the selected columns the model reads (None: all feature_names)
+    selection: dict | None = None            # how they were chosen (ml.features.selection)
 
     @property
     def temperature(self) -> list[float | None]:
@@ -53,6 +57,8 @@ class TrainResult:
             "model": self.model_spec,
             "featureNames": list(self.feature_names),
             "featureHash": self.feature_hash,
+            "inputFeatures": list(self.input_features) if self.input_features else None,
+            "featureSelection": self.selection,
             "config": self.config,
             "dataRange": self.data_range,
             "metrics": self.metrics,
@@ -82,6 +88,10 @@ def build_result(cfg: TrainConfig, dataset: Dataset, model: nn.Module, fit_resul
     """Calibrate + evaluate `model` (best weights loaded) and package the run."""
     core = unwrap(model)
     calibrator, metrics, p_test = calibrate_and_evaluate(core, dataset, cfg)
+    test_var = None
+    if dataset.nv_test is not None:
+        _, o_test = network_outputs(core, dataset, "test")
+        test_var = predicted_variance(np.zeros_like(p_test) if o_test is None else o_test, dataset.nv_test)
     summary = dataset.summary()
     return TrainResult(
         pair=cfg.pair,
@@ -91,8 +101,9 @@ def build_result(cfg: TrainConfig, dataset: Dataset, model: nn.Module, fit_resul
         feature_names=list(dataset.feature_names),
         feature_hash=feature_hash(list(dataset.feature_names)),
         config=cfg.model_dump(),
-        model_spec={"type": cfg.model_type, "n_features": len(dataset.feature_names),
+        model_spec={"type": cfg.model_type, "n_features": dataset.n_inputs,
                     "n_horizons": len(dataset.horizons), "horizons": list(dataset.horizons),
+                    "volatility": _has_vol_head(core, dataset), "vol_window": cfg.model_vol_window,
                     "params": count_params(core), **cfg.model_kwargs()},
         data_range={"start": summary["dataRange"][0], "end": summary["dataRange"][1],
                     "splits": summary["ranges"], "counts": summary["counts"], "purge": summary["purge"],
@@ -107,4 +118,20 @@ def build_result(cfg: TrainConfig, dataset: Dataset, model: nn.Module, fit_resul
         train_seconds=train_seconds,
         test_ts=np.asarray(dataset.ts_test),
         test_probs=p_test,
+        test_var=test_var,
+        input_features=list(dataset.input_features) if dataset.input_features else None,
+        selection=dataset.selection,
     )
+
+
+def _has_vol_head(model: nn.Module, dataset: Dataset) -> bool:
+    """Whether the network outputs the log-variance ratios after the direction logits (2H outputs)."""
+    import torch
+
+    x = torch.zeros((1, dataset.seq_len, dataset.n_inputs))
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        n_out = int(model(x).shape[-1])
+    model.train(was)
+    return n_out == 2 * len(dataset.horizons)

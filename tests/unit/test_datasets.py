@@ -187,3 +187,26 @@ def test_latest_window_uses_scaler_column_order():
     np.testing.assert_allclose(w[0], ds.scaler.transform(feats.to_numpy()[-20:]), rtol=1e-6, atol=1e-6)
     with pytest.raises(KeyError):
         latest_window(feats.drop(columns="f0"), ds.scaler, 20)
+
+
+def test_volatility_targets_per_split_and_usable_ends():
+    from ml.training.volatility import log_returns, realized_variance, trailing_variance
+
+    feats, close = frames()
+    ds = build_dataset(feats, close, horizons=[1, 5], seq_len=20, vol_window=30)
+    r = log_returns(close.to_numpy())
+    rv_all = realized_variance(r, [1, 5])
+    nv_all = trailing_variance(r, 30)
+    at = close.index.get_indexer(feats.index)
+    for split in ("train", "val", "test"):
+        q, rv, nv = ds.vol_arrays(split)
+        ends = getattr(ds.split, split)
+        assert q.shape == (len(ends), 2) and np.isfinite(q).all() and (q > 0).all()
+        np.testing.assert_allclose(rv, rv_all[at[ends]])
+        np.testing.assert_allclose(nv, nv_all[at[ends]])
+        np.testing.assert_allclose(q, rv / nv[:, None])
+    # the close starts 10 bars before the features: NV over 30 returns needs 30 closes -> 20 feature rows
+    # (the first window end is at seq_len - 1 = 19, the first defined NV at feature row 20)
+    assert ds.split.train[0] == 20
+    plain = build_dataset(feats, close, horizons=[1, 5], seq_len=20)
+    assert plain.vol_arrays("train") is None and not plain.has_vol_targets and plain.split.train[0] == 19

@@ -28,6 +28,21 @@ def test_builds_outputs_logits_per_horizon_and_gradients_flow(model_type, profil
     assert count_params(model) > 1000
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_volatility_head_adds_one_log_variance_ratio_per_horizon(model_type):
+    """Outputs (N, 2H): H direction logits, then H log-variance ratios o_h; the loss of one reaches the body."""
+    torch.manual_seed(0)
+    p = PROFILES["quick"]
+    model = build_model(model_type, N_FEATURES, N_HORIZONS, volatility=True, **p)
+    plain = build_model(model_type, N_FEATURES, N_HORIZONS, **p)
+    out = model(torch.randn(4, p["seq_len"], N_FEATURES))
+    assert out.shape == (4, 2 * N_HORIZONS)
+    assert count_params(model) > count_params(plain)
+    out[:, N_HORIZONS:].sum().backward()  # only the volatility outputs
+    body = [prm.grad for name, prm in model.named_parameters() if not name.startswith("head")]
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in body)
+
+
 def test_profiles_shape_the_recurrent_nets():
     quick = build_model("lstm", N_FEATURES, 1, **PROFILES["quick"])
     full = build_model("lstm", N_FEATURES, 1, **PROFILES["full"])

@@ -97,10 +97,14 @@ def test_early_stopping_restores_the_best_weights(small_dataset):
     assert [e["epoch"] for e in seen] == list(range(1, r.epochs_run + 1))
     assert {"epoch", "total", "loss", "val_loss", "elapsed_s", "eta_s"} <= set(seen[0])
     assert r.best_val_loss == min(e["val_loss"] for e in seen)
-    from ml.training.loop import _bce
+    from ml.training.loop import validation_losses
     from ml.training.nets import predict_logits
 
-    assert _bce(predict_logits(model, ds.X_val), ds.y_val.astype(float)) == pytest.approx(r.best_val_loss)
+    # early stopping watches the validation TOTAL: BCE + vol_loss_weight x the gamma loss
+    parts = validation_losses(predict_logits(model, ds.X_val), ds.y_val.astype(float), ds.q_val, cfg.vol_loss_weight)
+    assert parts["total"] == pytest.approx(r.best_val_loss)
+    assert parts["total"] == pytest.approx(parts["bce"] + cfg.vol_loss_weight * parts["vol"])
+    assert seen[0]["val_vol"] is not None
 
 
 def test_cancel_stops_training(small_dataset):
@@ -123,16 +127,22 @@ def test_pack_unpack_round_trip(small_dataset):
         X2, y2 = back.arrays(split)
         assert np.array_equal(np.asarray(X), np.asarray(X2)) and np.array_equal(y, y2)
     assert back.feature_names == ds.feature_names
+    for split in ("train", "val", "test"):
+        for a, b in zip(ds.vol_arrays(split), back.vol_arrays(split), strict=True):
+            assert np.array_equal(a, b)
+    assert back.vol_window == ds.vol_window == 16 and back.input_features == ds.input_features
     assert len(unpack_dataset(pack_dataset(ds, splits=("train",))).y_val) == 0
 
 
 def test_config_from_settings_and_overrides(tmp_path):
     s = load_settings(environ={})
     cfg = TrainConfig.from_settings("ETH", settings=s)
-    assert (cfg.model_type, cfg.layers, cfg.hidden, cfg.seq_len, cfg.horizons) == ("lstm", 1, 32, 30, [5])
+    assert (cfg.model_type, cfg.layers, cfg.hidden, cfg.seq_len, cfg.horizons) == ("lstm", 1, 32, 30, [1, 3, 6, 12])
+    assert (cfg.vol_window, cfg.model_vol_window, cfg.vol_loss_weight, cfg.select_k) == (20, 20, 0.5, None)
     full = TrainConfig.from_settings("ETH", "gru", settings=s, profile="full", epochs=3, batch_size=None, horizon=10)
     assert (full.model_type, full.layers, full.hidden, full.seq_len, full.dropout) == ("gru", 2, 50, 60, 0.2)
-    assert full.epochs == 3 and full.batch_size == s.training.batch_size and full.horizons == [10]
+    # the body's single horizon joins the configured ones (one network answers all)
+    assert full.epochs == 3 and full.batch_size == s.training.batch_size and full.horizons == [1, 3, 6, 10, 12]
     with pytest.raises(ValueError):
         TrainConfig.from_settings("ETH", "svm", settings=s)
     with pytest.raises(ValueError):
@@ -151,3 +161,9 @@ def test_result_payload_is_complete(small_dataset):
     assert meta["dataRange"]["start"] < meta["dataRange"]["end"]
     assert meta["metrics"]["baseline"]["brier"] > 0 and meta["metrics"]["model"]["log_loss"] > 0
     assert meta["config"]["seq_len"] == 16 and TrainConfig(**meta["config"]) == cfg
+    # the volatility head: 2H outputs, the window of the naive forecast (seq_len 16 < vol_window 20)
+    assert meta["model"]["volatility"] is True and meta["model"]["vol_window"] == 16
+    assert set(meta["metrics"]["volatility"]) == {"5"}
+    v = meta["metrics"]["horizons"]["5"]["volatility"]
+    assert {"model_qlike", "naive_qlike", "model_mse_log", "naive_mse_log", "skill"} <= set(v)
+    assert v["naive_qlike"] > 0 and np.isfinite(v["model_qlike"])
