@@ -1,15 +1,19 @@
 """`tbml backtest`: walk-forward evaluation of a model against its baselines.
 
     tbml backtest (--file F [--format auto|ohlcv|binance] | --pair P [--data-dir D]) [--timeframe TF] [--bars N]
-                  [--model M] [--horizon H] [--folds K] [--train-bars N] [--test-bars N] [--purge N]
-                  [--epochs N] [--seed S] [--cost-bps C] [--json OUT|-] [--report DIR] [--no-progress]
+                  [--model M] [--horizons H1,H2,...] [--horizon H] [--select-k K] [--folds K]
+                  [--train-bars N] [--test-bars N] [--purge N] [--epochs N] [--seed S] [--cost-bps C]
+                  [--json OUT|-] [--report DIR] [--export FILE.parquet] [--no-progress]
 
 --file reads and validates a candle file (rejected rows are reported on stderr and in the JSON) at
 the timeframe of its bars (the most common spacing; --timeframe insists, and a file spaced otherwise
 is refused); --pair uses the candle store when it holds the pair, else the configured source (--bars, default
 backtest.bars). Unset options come from the settings (configs/default.yaml, section backtest).
-Prints a summary table (unless --json -), writes the JSON report (strict JSON: NaN becomes null)
-and the Markdown/PNG report. A progress bar on stderr follows the fitted models when stderr is a
+Every horizon of labels.horizons is evaluated from one network per fold (--horizon H: only H;
+--horizons: those), the default horizon (labels.default_horizon) being the one of the top-level
+numbers. Prints a per-horizon summary and the default horizon's tables (unless --json -), writes
+the JSON report (strict JSON: NaN becomes null) and the Markdown/PNG report. On the embedded
+synthetic source the planted rule's accuracy on the same test rows is reported beside the models. A progress bar on stderr follows the fitted models when stderr is a
 terminal.
 
 Exit codes: 2 for bad input, checked before any model is fitted (missing or unreadable file, both
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
 # BacktestConfig field -> the option that sets it (for one-line validation messages)
 OPTION_OF = {"model_type": "--model", "horizon": "--horizon", "folds": "--folds", "train_bars": "--train-bars",
              "test_bars": "--test-bars", "purge": "--purge", "epochs": "--epochs", "seed": "--seed",
-             "cost_bps": "--cost-bps"}
+             "cost_bps": "--cost-bps", "horizons": "--horizons", "select_k": "--select-k"}
 
 
 def register(subparsers) -> None:
@@ -54,7 +58,13 @@ def register(subparsers) -> None:
                    help="newest candles to use (--pair default: backtest.bars; --file default: all)")
     p.add_argument("--data-dir", default=None, help="data directory (default: TBML_DATA_DIR / settings)")
     p.add_argument("--model", default=None, help="model type (default: model.default_type)")
-    p.add_argument("--horizon", type=int, default=None, help="bars ahead to predict (default: first label horizon)")
+    p.add_argument("--horizon", type=int, default=None,
+                   help="alone: evaluate this one horizon; with --horizons: the default one among them "
+                        "(default: labels.default_horizon)")
+    p.add_argument("--horizons", default=None, metavar="H1,H2,...",
+                   help="evaluate these horizons, comma-separated, from one network (default: labels.horizons)")
+    p.add_argument("--select-k", type=int, default=None,
+                   help="features the learners read, ranked on each fold's fit rows (default: features.select_k)")
     p.add_argument("--folds", type=int, default=None, help="walk-forward folds (default: backtest.folds)")
     p.add_argument("--train-bars", type=int, default=None, help="rows per training block (default: expanding)")
     p.add_argument("--test-bars", type=int, default=None, help="rows per test block (default: from the data)")
@@ -67,8 +77,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="OUT", help="write the JSON report to OUT ('-': stdout)")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and PNG plots into DIR")
     p.add_argument("--export", default=None, metavar="FILE.parquet",
-                   help="write every test row (ts, close, P(up) per model, volatility, signal, simulated "
-                        "position) to a Parquet file")
+                   help="write every test row (ts, close, fold; per horizon: P(up) per model, volatility, "
+                        "signal, simulated position) to a Parquet file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_backtest)
 
@@ -86,15 +96,26 @@ def _config(args: argparse.Namespace, settings) -> BacktestConfig:
         raise UsageError(f"unknown model {args.model!r}; one of {', '.join(MODEL_TYPES)}")
     if args.cost_bps is not None and not math.isfinite(args.cost_bps):
         raise UsageError(f"--cost-bps must be a finite number, got {args.cost_bps}")
+    horizons = None
+    if args.horizons is not None:
+        try:
+            horizons = [int(x) for x in args.horizons.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--horizons must be comma-separated integers, got {args.horizons!r}") from None
+        if not horizons:
+            raise UsageError("--horizons needs at least one horizon")
     try:
         cfg = BacktestConfig.from_settings(
-            settings, model_type=args.model, horizon=args.horizon, folds=args.folds,
+            settings, model_type=args.model, horizon=args.horizon, horizons=horizons, select_k=args.select_k,
+            folds=args.folds,
             train_bars=args.train_bars, test_bars=args.test_bars, purge=args.purge, epochs=args.epochs,
             seed=args.seed, cost_bps=args.cost_bps)
         cfg.effective_purge  # noqa: B018 - raises when purge < horizon
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0]) if err.get("loc") else ""
+        if not err.get("loc"):  # a check across fields (e.g. the horizon is not one of the horizons)
+            raise UsageError(str(err["msg"]).removeprefix("Value error, ")) from None
+        field = str(err["loc"][0])
         option = OPTION_OF.get(field, field or "option")
         raise UsageError(f"{option}: {err['msg']} (got {err.get('input')!r})") from None
     except ValueError as exc:
@@ -253,8 +274,15 @@ class _Progress:
 
 def cmd_backtest(args: argparse.Namespace) -> int:
     from ml.config import get_settings
-    from ml.evaluation.backtest import BacktestInputError, edge_summary, run_backtest
-    from ml.evaluation.report import summary_table, trading_table, utc, verdict_sentence, write_report
+    from ml.evaluation.backtest import BacktestInputError, run_backtest
+    from ml.evaluation.report import (
+        horizon_table,
+        horizon_verdicts,
+        summary_table,
+        trading_table,
+        utc,
+        write_report,
+    )
     from ml.features import LookAheadError
     from ml.simulation.trades import SimConfig
 
@@ -265,7 +293,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     export_target = _export_target(args.export)
     candles, origin, extra = _candles(args, settings)
 
-    progress = _Progress(cfg.folds * 3, enabled=not args.no_progress and sys.stderr.isatty())
+    progress = _Progress(cfg.folds * (1 + 2 * len(cfg.horizons or [cfg.horizon])), enabled=not args.no_progress and sys.stderr.isatty())
     try:
         result = run_backtest(candles, cfg, progress=progress, source=origin,
                               simulation=SimConfig.from_settings(settings))
@@ -277,6 +305,10 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         progress.close()
 
     result.data.update(extra)
+    if origin.startswith("synthetic source"):  # the data's generating rule, scored on the same rows
+        from ml.evaluation.backtest import add_planted_rule
+
+        add_planted_rule(result, candles, settings.data.synthetic.signal_lookback)
     doc = result.to_json()
     if json_target is not None:
         _write_json(json_target, doc)
@@ -284,6 +316,8 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     if report_dir is not None:
         title = (f"Backtest of {extra.get('pair') or Path(extra.get('file', 'data')).name}: "
                  f"{cfg.model_type}, horizon {cfg.horizon} bars, {len(result.folds)} folds")
+        if len(cfg.horizons or []) > 1:
+            title += f" (horizons {', '.join(str(h) for h in cfg.horizons)})"
         try:
             paths = write_report(result, report_dir, title=title)
         except OSError as exc:
@@ -297,13 +331,19 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         return 0
     data = result.data
     name = extra.get("pair") or Path(extra.get("file", "data")).name
-    print(f"{name}: {cfg.model_type}, horizon {cfg.horizon}, {len(result.folds)} folds, "
+    also = [h for h in (cfg.horizons or []) if h != cfg.horizon]
+    print(f"{name}: {cfg.model_type}, horizon {cfg.horizon}"
+          f"{' (also ' + ', '.join(str(h) for h in also) + ')' if also else ''}, {len(result.folds)} folds, "
           f"{data['rows']:,} candles {utc(data['start'])} → {utc(data['end'])} UTC ({origin}), "
           f"{result.elapsed_s:.1f} s")
+    print("\nper horizon (the network vs the best baseline; its simulated trades; volatility QLIKE):")
+    print(horizon_table(result))
+    print(f"\nhorizon {cfg.horizon} (default):")
     print(summary_table(result))
     print("\nsimulated trading (one position at a time, stops sized from volatility, fees and slippage):")
     print(trading_table(result))
-    print(verdict_sentence(edge_summary(result)))
+    for line in horizon_verdicts(result):
+        print(line)
     if json_target is not None:
         print(f"json: {json_target}")
     if paths:

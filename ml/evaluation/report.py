@@ -143,6 +143,29 @@ def verdict_sentence(edge: dict[str, Any], best_simple: str | None = None) -> st
             f"gets (accuracy {acc}; {points}).")
 
 
+def best_learner(result: BacktestResult) -> tuple[str, float | None]:
+    """(name, accuracy) of the most accurate learner: the network, logistic or LightGBM."""
+    accs = [(n, _finite(result.overall[n].get("accuracy"))) for n in (MODEL, *LEARNED_BASELINES)
+            if n in result.overall]
+    accs = [(n, a) for n, a in accs if a is not None]
+    return max(accs, key=lambda t: t[1]) if accs else (MODEL, None)
+
+
+def rule_sentence(result: BacktestResult) -> str | None:
+    """The reference rule (e.g. the planted rule of the synthetic data) against the best learner on
+    the same rows, or None when the caller set no reference."""
+    rule = (result.reference or {}).get("rule") or {}
+    rule_acc = _finite(((rule.get("accuracy") or {}).get(str(result.horizon)) or {}).get("accuracy"))
+    best_name, best_acc = best_learner(result)
+    if rule_acc is None or best_acc is None:
+        return None
+    gap = (best_acc - rule_acc) * 100
+    return (f"The {rule.get('label', 'reference rule')}, which no model is told, scores {fmt_pct(rule_acc)} on "
+            f"the same rows; the best learner ({label(best_name, result)}, {fmt_pct(best_acc)}) is "
+            f"{abs(gap):.1f} points {'above' if gap >= 0 else 'below'} it"
+            f"{'' if gap >= 0 else ': the simple rule wins'}.")
+
+
 def verdict(result: BacktestResult) -> list[str]:
     """The verdict paragraph: the edge sentence, then learned baselines, calibration and money."""
     e = edge_summary(result)
@@ -159,6 +182,9 @@ def verdict(result: BacktestResult) -> list[str]:
         amount = "" if where == "level with" else f"{abs(diff):.1f} points "
         lines.append(f"Against the learned baselines on the same folds ({shown}) the model is {amount}"
                      f"{where} the best ({label(top)}).")
+    rule = rule_sentence(result)
+    if rule:
+        lines.append(rule)
     skill = _finite(e.get("brierSkill"))
     if skill is not None:
         lines.append(f"Brier skill against the majority rate: {skill * 100:+.2f} % (above 0 = better "
@@ -286,6 +312,66 @@ def trading_table(result: BacktestResult) -> str:
                      .rstrip() for r in (TRADING_HEADER, *rows))
 
 
+HORIZON_HEADER = ("horizon", "model acc.", "best baseline acc.", "model Brier", "best baseline Brier",
+                  "Sharpe", "max drawdown", "turnover", "exposure", "fees", "vol QLIKE model / naive")
+
+
+def _best_baseline(overall: dict[str, dict[str, Any]], key: str, lower: bool) -> tuple[str, float | None]:
+    """(name, value) of the best baseline on `key` (lowest when `lower`), skipping missing values."""
+    vals = [(n, _finite(overall[n].get(key))) for n in NAMES if n != MODEL and n in overall]
+    vals = [(n, v) for n, v in vals if v is not None]
+    if not vals:
+        return DASH, None
+    return (min if lower else max)(vals, key=lambda t: t[1])
+
+
+def horizon_rows(result: BacktestResult) -> list[list[str]]:
+    """One row per evaluated horizon: the network's accuracy and Brier next to the best baseline's,
+    its simulated trades (Sharpe, drawdown, turnover, exposure, fees) and the volatility score;
+    the reference (e.g. the planted rule) when the caller set one."""
+    views = result.by_horizon or {result.horizon: result}
+    ref = (result.reference or {}).get("rule") or {}
+    rows = []
+    for h, v in sorted(views.items()):
+        o = v.overall
+        acc_name, acc = _best_baseline(o, "accuracy", lower=False)
+        br_name, br = _best_baseline(o, "brier", lower=True)
+        t = (v.trading or {}).get(MODEL) or {}
+        vs = v.vol_score or {}
+        row = [f"{h}{' (default)' if h == result.horizon else ''}", fmt_pct(o[MODEL].get("accuracy")),
+               f"{fmt_pct(acc)} ({label(acc_name)})", fmt_num(o[MODEL].get("brier"), 4),
+               f"{fmt_num(br, 4)} ({label(br_name)})", fmt_num(t.get("sharpe"), 2), fmt_pct(t.get("maxDrawdown"), 2),
+               fmt_num(t.get("turnover"), 3), fmt_pct(t.get("exposure")), fmt_pct(t.get("feesPaid"), 2),
+               f"{fmt_num(vs.get('model_qlike'), 3)} / {fmt_num(vs.get('naive_qlike'), 3)}"]
+        if ref:
+            row.append(fmt_pct(((ref.get("accuracy") or {}).get(str(h)) or {}).get("accuracy")))
+        rows.append(row)
+    return rows
+
+
+def horizon_header(result: BacktestResult) -> list[str]:
+    ref = (result.reference or {}).get("rule") or {}
+    return [*HORIZON_HEADER, *([ref.get("label", "reference rule")] if ref else [])]
+
+
+def horizon_verdicts(result: BacktestResult) -> list[str]:
+    """The verdict sentence of every horizon (so a simple rule that wins is said per horizon)."""
+    views = result.by_horizon or {result.horizon: result}
+    out = []
+    for h, v in sorted(views.items()):
+        rule = rule_sentence(v)
+        out.append(f"h = {h}: {verdict_sentence(edge_summary(v))}" + (f" {rule}" if rule else ""))
+    return out
+
+
+def horizon_table(result: BacktestResult) -> str:
+    """The per-horizon summary as plain text (what `tbml backtest` prints)."""
+    header, rows = horizon_header(result), horizon_rows(result)
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
+                     .rstrip() for r in (header, *rows))
+
+
 HOW_TO_READ = """\
 **Accuracy** is the share of test rows whose direction was called right; it only means something
 next to the baselines, which saw exactly the same folds: *majority* always calls the more common
@@ -328,6 +414,15 @@ def render_markdown(result: BacktestResult, *, title: str | None = None,
     lines += ["## Verdict", "", f"**Verdict:** {said[0]}", ""]
     if len(said) > 1:
         lines += [" ".join(said[1:]), ""]
+
+    lines += ["## Per horizon", "",
+              "Every horizon comes from the same network (one output per horizon), scored on its own; the "
+              "best baseline is the best of majority, persistence, logistic and LightGBM on that horizon's "
+              "rows. Sharpe, drawdown, turnover, exposure and fees are the network's simulated trades "
+              f"(volatility: {((result.trading or {}).get('config') or {}).get('volatility', DASH)}); "
+              "QLIKE scores the volatility forecast against the naive trailing one (lower is better).", ""]
+    lines += _md_table(horizon_header(result), horizon_rows(result))
+    lines += ["", *[f"- {v}" for v in horizon_verdicts(result)], ""]
 
     lines += ["## Data", ""]
     lines += [f"- rows: {fmt_int(data.get('rows'))} candles ({fmt_int(data.get('featureRows'))} with features, "

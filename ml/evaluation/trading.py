@@ -2,9 +2,11 @@
 service uses too), and the per-row export for vectorbt/freqtrade-style analysis.
 
 Each test row is a forecast made at the close of its bar: the signal of its P(up)
-(`ml.serving.signals.classify`, the served thresholds), and a volatility. Until a model predicts
-volatility, that is the naive forecast: the standard deviation of the last `VOL_WINDOW` one-bar log
-returns, times sqrt(horizon). The simulator walks every bar from the first test row to the end.
+(`ml.serving.signals.classify`, the served thresholds), and a volatility over the horizon: the
+network's predicted one (`ml.training.volatility`) when it has a volatility head, else the naive
+forecast (the backtest says which in `trading.config.volatility`). The simulator walks every bar
+from the first test row to the end. `trailing_volatility` is the older naive estimate (std of the
+last `VOL_WINDOW` one-bar log returns times sqrt(h)) that the live account still uses.
 """
 
 from __future__ import annotations
@@ -58,13 +60,16 @@ def positions(sim: Simulator, ts: np.ndarray) -> np.ndarray:
 
 def simulated_trading(candles: pd.DataFrame, ts: np.ndarray, close: np.ndarray, probs: dict[str, np.ndarray],
                       volatility: np.ndarray, *, horizon: int, timeframe_ms: int, strong: float, weak: float,
-                      config: SimConfig) -> tuple[dict[str, Any], dict[str, Simulator]]:
-    """({name: the simulator's summary, ..., "config": ...}, {name: simulator}) for every model of `probs`."""
+                      config: SimConfig, volatility_source: str | None = None,
+                      ) -> tuple[dict[str, Any], dict[str, Simulator]]:
+    """({name: the simulator's summary, ..., "config": ...}, {name: simulator}) for every model of `probs`;
+    every model trades with the same `volatility` (so their trades differ by their calls only)."""
     bars = bars_from(candles, int(ts[0])) if len(ts) else []
     bar_closes = np.array([b.close for b in bars])
     out: dict[str, Any] = {"config": {"tpMult": config.tp_mult, "slMult": config.sl_mult,
                                       "feeBps": config.fee_bps, "slippageBps": config.slippage_bps,
-                                      "volatility": f"trailing {VOL_WINDOW}-bar std of log returns x sqrt(h)"}}
+                                      "volatility": volatility_source
+                                      or f"trailing {VOL_WINDOW}-bar std of log returns x sqrt(h)"}}
     sims = {}
     for name, p in probs.items():
         sim = simulate(bars, forecasts_of(ts, close, p, volatility, horizon, strong, weak), config)
@@ -73,21 +78,32 @@ def simulated_trading(candles: pd.DataFrame, ts: np.ndarray, close: np.ndarray, 
     return out, sims
 
 
-def export_rows(path: str | Path, ts: np.ndarray, close: np.ndarray, fold: np.ndarray, probs: dict[str, np.ndarray],
-                volatility: np.ndarray, signals: np.ndarray, position: np.ndarray, horizon: int) -> Path:
-    """Every test row as Parquet: ts, close, fold, p_<model>_h<h> per model, volatility, signal,
-    position (the simulated account after that bar's close). Written atomically."""
-    from ml.storage.atomic import atomic_write_bytes
+def export_rows(path: str | Path, ts: np.ndarray, close: np.ndarray, fold: np.ndarray,
+                per_horizon: dict[int, dict[str, Any]], default_horizon: int) -> Path:
+    """Every test row as Parquet, written atomically: ts, ts_ms, close, fold, then per horizon h:
+    p_<model>_h<h> for every model, vol_h<h> (the volatility the simulator used), signal_h<h> and
+    position_h<h> (the network's signal and its simulated account after that bar's close).
+    `volatility`, `signal` and `position` repeat the default horizon's columns for older readers.
 
-    frame = pd.DataFrame({"ts": pd.to_datetime(ts, unit="ms", utc=True), "ts_ms": ts.astype("int64"),
-                          "close": close, "fold": fold.astype("int64")})
-    for name, p in probs.items():
-        frame[f"p_{name}_h{horizon}"] = p
-    frame["volatility"] = volatility
-    frame["signal"] = signals
-    frame["position"] = position.astype("int8")
+    per_horizon: {h: {"probs": {name: P(up)}, "volatility": (N,), "signal": (N,), "position": (N,)}}.
+    """
     import io
 
+    from ml.storage.atomic import atomic_write_bytes
+
+    cols: dict[str, Any] = {"ts": pd.to_datetime(ts, unit="ms", utc=True), "ts_ms": ts.astype("int64"),
+                            "close": close, "fold": fold.astype("int64")}
+    for h, block in sorted(per_horizon.items()):
+        for name, p in block["probs"].items():
+            cols[f"p_{name}_h{h}"] = p
+        cols[f"vol_h{h}"] = block["volatility"]
+        cols[f"signal_h{h}"] = np.asarray(block["signal"], dtype=object).astype(str)
+        cols[f"position_h{h}"] = np.asarray(block["position"]).astype("int8")
+    d = int(default_horizon)
+    cols["volatility"] = cols[f"vol_h{d}"]
+    cols["signal"] = cols[f"signal_h{d}"]
+    cols["position"] = cols[f"position_h{d}"]
+    frame = pd.DataFrame(cols)
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     target = Path(path)

@@ -22,7 +22,7 @@ def candles(bars: int, strength: float, pair: str = "BTC", seed: int = 42):
 
 
 def small_cfg(**kw) -> BacktestConfig:
-    base = {"folds": 2, "epochs": 2, "hidden": 8, "seq_len": 10, "check_causality": False}
+    base = {"folds": 2, "epochs": 2, "hidden": 8, "seq_len": 10, "vol_window": 10, "check_causality": False}
     return BacktestConfig(**{**base, **kw})
 
 
@@ -64,39 +64,48 @@ def leak_series():
     return candles(3000, 0.12, pair="ETH")
 
 
+def leak_cfg() -> BacktestConfig:
+    """Two horizons from one network and a feature selection per fold: everything that learns."""
+    return small_cfg(horizons=[2, 5], horizon=5, select_k=8)
+
+
 @pytest.fixture(scope="module")
 def leak_base(leak_series):
-    return run_backtest(leak_series, small_cfg())
+    return run_backtest(leak_series, leak_cfg())
 
 
 def test_scrambled_test_labels_leave_every_fold_s_training_untouched(leak_series, leak_base):
-    """Shuffle the labels of the last fold's test rows: all folds learn exactly the same things
-    (scaler, network weights and calibration, every baseline); only the scores of that fold move."""
+    """Shuffle the labels (every horizon) of the last fold's test rows: all folds learn exactly the
+    same things (scaler, feature selection, network weights and calibration, every baseline of every
+    horizon); only the scores of that fold move."""
     import pandas as pd
 
     from ml.training.dataset import make_labels
 
-    cfg = small_cfg()
+    cfg = leak_cfg()
     close = pd.Series(leak_series["close"].to_numpy(), index=leak_series["ts"].to_numpy())
-    labels = make_labels(close, [cfg.horizon]).to_numpy()[:, 0]
+    labels = make_labels(close, cfg.horizons).to_numpy()
     last = leak_base.folds[-1]
     ts = leak_series["ts"].to_numpy()
     in_test = (ts >= last["test"][0]) & (ts <= last["test"][1])
     rng = np.random.default_rng(0)
     scrambled = labels.copy()
-    scrambled[in_test] = rng.permutation(1.0 - scrambled[in_test])  # flipped and shuffled
+    for j in range(labels.shape[1]):
+        scrambled[in_test, j] = rng.permutation(1.0 - scrambled[in_test, j])  # flipped and shuffled
     other = run_backtest(leak_series, cfg, labels=scrambled)
     for a, b in zip(leak_base.folds, other.folds, strict=True):
         assert a["fingerprints"] == b["fingerprints"]
+        assert a["selection"] == b["selection"] and a["selection"]["network"]["k"] == 8
         assert a["train"] == b["train"] and a["test"] == b["test"]
-    assert other.folds[-1]["model"]["accuracy"] != last["model"]["accuracy"]
-    assert other.folds[0]["model"] == leak_base.folds[0]["model"]
+    for h in ("2", "5"):
+        assert other.folds[-1]["horizons"][h]["model"]["accuracy"] != last["horizons"][h]["model"]["accuracy"]
+        assert other.folds[0]["horizons"][h] == leak_base.folds[0]["horizons"][h]
 
 
 def test_rewriting_the_future_of_a_fold_does_not_change_what_it_learned(leak_series, leak_base):
     """Replace every candle from fold 1's test start on by another market's: fold 1 (whose
-    training ends a purge gap before) learns bit-identical models; fold 2 (which trains on the
-    rewritten bars) does not."""
+    training ends a purge gap before) learns bit-identical models and selects the same features;
+    fold 2 (which trains on the rewritten bars) does not."""
     cut = leak_base.folds[0]["test"][0]
     other_market = candles(3000, 0.0, pair="XMR")
     future = leak_series["ts"].to_numpy() >= cut
@@ -104,9 +113,59 @@ def test_rewriting_the_future_of_a_fold_does_not_change_what_it_learned(leak_ser
     scale = mixed.loc[~future, "close"].iloc[-1] / other_market.loc[future, "open"].iloc[0]
     for col in ("open", "high", "low", "close"):
         mixed.loc[future, col] = other_market.loc[future, col].to_numpy() * scale
-    other = run_backtest(mixed, small_cfg())
+    other = run_backtest(mixed, leak_cfg())
     assert other.folds[0]["fingerprints"] == leak_base.folds[0]["fingerprints"]
     assert other.folds[1]["fingerprints"]["model"] != leak_base.folds[1]["fingerprints"]["model"]
+
+
+def test_every_horizon_is_scored_on_its_own_labels_from_one_network(leak_series, leak_base):
+    """The JSON's horizons block: each horizon's rows carry its own label and forward return, the
+    purge covers the largest horizon, the top level is the default horizon's, and one network (one
+    fingerprint per fold) answered every horizon."""
+    from ml.training.dataset import make_labels
+
+    doc = leak_base.to_json()
+    assert leak_base.config["horizons"] == [2, 5] and leak_base.config["horizon"] == 5
+    assert leak_base.config["purge"] == 10 + 5  # seq_len + the largest horizon
+    assert set(doc["horizons"]) == {"2", "5"}
+    assert doc["horizons"]["5"]["overall"] == doc["overall"] and doc["horizons"]["5"]["trading"] == doc["trading"]
+    close = leak_series.set_index("ts")["close"]
+    for h in (2, 5):
+        v = leak_base.at(h)
+        assert v.horizon == h and np.array_equal(v.ts, leak_base.ts)  # the same test rows for every horizon
+        want = make_labels(close, [h]).to_numpy()[:, 0][np.searchsorted(close.index.to_numpy(), v.ts)]
+        assert np.array_equal(v.y, want)
+        at = np.searchsorted(close.index.to_numpy(), v.ts)
+        assert np.allclose(v.forward_return, close.to_numpy()[at + h] / close.to_numpy()[at] - 1.0)
+        assert set(doc["horizons"][str(h)]["overall"]) == set(NAMES)
+        assert doc["horizons"][str(h)]["volatility"]["n"] == len(v.ts)
+        for f, fv in zip(doc["folds"], v.folds, strict=True):
+            assert f["horizons"][str(h)]["model"] == fv["model"]
+    assert not np.array_equal(leak_base.at(2).probs["model"], leak_base.at(5).probs["model"])
+    for f in doc["folds"]:
+        assert isinstance(f["fingerprints"]["model"], str)  # one network per fold
+        assert set(f["fingerprints"]["lightgbm"]) == {"2", "5"}  # a baseline per horizon
+
+
+def test_the_simulator_trades_on_the_network_s_volatility_scored_against_the_naive(leak_series, leak_base):
+    """Per horizon: the volatility the trades were sized with is the network's sqrt(h x predicted
+    per-bar variance), and the reported QLIKE is that forecast's (and the naive one's) on the test
+    rows' realized variance, recomputed here from the closes."""
+    from ml.training.volatility import log_returns, qlike, realized_variance, trailing_variance
+
+    close = leak_series.set_index("ts")["close"]
+    at = np.searchsorted(close.index.to_numpy(), leak_base.ts)
+    r = log_returns(close.to_numpy())
+    nv = np.maximum(trailing_variance(r, 10), 1e-12)[at]
+    for h in (2, 5):
+        v = leak_base.at(h)
+        assert "network's predicted volatility" in v.trading["config"]["volatility"]
+        assert v.vol_score["volatilityHead"] is True
+        rv = realized_variance(r, [h])[at, 0]
+        var_used = v.volatility ** 2 / h
+        assert v.vol_score["model_qlike"] == pytest.approx(qlike(var_used, rv), rel=1e-9)
+        assert v.vol_score["naive_qlike"] == pytest.approx(qlike(nv, rv), rel=1e-9)
+        assert not np.allclose(var_used, nv)  # the head moved the forecast off the naive one
 
 
 def test_a_feature_that_peeks_ahead_stops_the_backtest(leak_series):

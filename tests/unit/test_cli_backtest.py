@@ -48,13 +48,14 @@ def drift_csv(tmp_path_factory) -> tuple[Path, object]:
 
 @pytest.fixture(scope="module")
 def cli_run(drift_csv, tmp_path_factory):
-    """One real `tbml backtest --file ... --json OUT --report DIR` (no --no-progress: stderr is a pipe)."""
+    """One real `tbml backtest --file ... --json OUT --report DIR --export FILE` on two horizons, 3 the
+    default (no --no-progress: stderr is a pipe)."""
     path, _ = drift_csv
     work = tmp_path_factory.mktemp("run")
     out, report = work / "bt.json", work / "report" / "sol"
     proc = subprocess.run(
         [sys.executable, "-m", "cli", "backtest", "--file", str(path), "--folds", "2", "--epochs", "2",
-         "--seed", "11", "--horizon", "3", "--cost-bps", "5", "--json", str(out), "--report", str(report),
+         "--seed", "11", "--horizons", "1,3", "--horizon", "3", "--cost-bps", "5", "--json", str(out), "--report", str(report),
          "--export", str(work / "rows.parquet")],
         cwd=REPO, env={**os.environ, "TBML_DATA_DIR": str(work / "data")}, capture_output=True, text=True,
         timeout=300)
@@ -72,7 +73,10 @@ def test_csv_run_exits_0_and_prints_the_summary(cli_run):
     assert proc.returncode == 0, proc.stderr
     assert "backtest:" not in proc.stderr  # no progress bar when stderr is not a terminal
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("sol-drift.csv: lstm, horizon 3, 2 folds, 3,000 candles")
+    assert lines[0].startswith("sol-drift.csv: lstm, horizon 3 (also 1), 2 folds, 3,000 candles")
+    assert any(line.startswith("per horizon") for line in lines)
+    assert any(line.startswith("1 ") for line in lines) and any(line.startswith("3 (default)") for line in lines)
+    assert any(line.startswith("h = 1: ") for line in lines) and any(line.startswith("h = 3: ") for line in lines)
     for name in ("model (lstm)", "majority", "persistence", "logistic", "LightGBM", "buy & hold"):
         assert any(line.startswith(name) for line in lines), name
     assert any("accuracy interval" in line for line in lines)
@@ -89,6 +93,12 @@ def test_csv_run_json_has_the_contract_keys(cli_run, drift_csv):
     assert doc["data"]["rows"] == len(candles) == 3_000
     assert doc["data"]["start"] == int(candles["ts"].iloc[0]) and doc["data"]["end"] == int(candles["ts"].iloc[-1])
     assert doc["config"]["horizon"] == 3 and doc["config"]["folds"] == 2 and doc["config"]["epochs"] == 2
+    assert doc["config"]["horizons"] == [1, 3] and doc["config"]["purge"] == doc["config"]["seq_len"] + 3
+    assert set(doc["horizons"]) == {"1", "3"} and doc["horizons"]["3"]["overall"] == doc["overall"]
+    for h in ("1", "3"):
+        block = doc["horizons"][h]
+        assert set(NAMES) <= set(block["overall"]) and set(NAMES) <= set(block["trading"])
+        assert block["volatility"]["model_qlike"] > 0 and block["volatility"]["naive_qlike"] > 0
     assert doc["config"]["seed"] == 11 and doc["config"]["cost_bps"] == 5
     assert set(NAMES) <= set(doc["overall"])
     for name in NAMES:
@@ -109,9 +119,10 @@ def test_csv_run_json_has_the_contract_keys(cli_run, drift_csv):
 
 
 def test_csv_run_simulates_trades_and_exports_every_test_row(cli_run, drift_csv):
-    """The JSON's `trading` block (the simulator of the live service on the walk-forward predictions)
-    and the Parquet export: one row per pooled test row, its probabilities, volatility, signal and the
-    simulated position, which replaying the simulator on the file's own rows reproduces."""
+    """The JSON's `trading` blocks (the simulator of the live service on the walk-forward predictions,
+    per horizon) and the Parquet export: one row per pooled test row with, per horizon, every model's
+    probability, the volatility, the signal and the simulated position; replaying the simulator on
+    the file's own rows gives each horizon's reported trades and equity."""
     import numpy as np
     import pandas as pd
 
@@ -127,25 +138,45 @@ def test_csv_run_simulates_trades_and_exports_every_test_row(cli_run, drift_csv)
         assert {"trades", "winRate", "totalReturn", "sharpe", "maxDrawdown", "exposure", "turnover", "feesPaid",
                 "buyAndHold"} <= set(t), name
         assert 0.0 <= t["maxDrawdown"] < 1.0 and 0.0 <= t["exposure"] <= 1.0
-    assert trading["model"]["trades"] > 0 and trading["config"]["feeBps"] == SimConfig().fee_bps
+    assert trading["config"]["feeBps"] == SimConfig().fee_bps
+    assert "network's predicted volatility" in trading["config"]["volatility"]
     assert any(line.startswith("simulated trading") for line in proc.stdout.splitlines())
 
     rows = pd.read_parquet(out.parent / "rows.parquet")
     assert len(rows) == doc["overall"]["model"]["n"]
-    assert {"ts", "ts_ms", "close", "fold", "volatility", "signal", "position",
-            *(f"p_{n}_h3" for n in NAMES)} <= set(rows.columns)
-    assert rows["ts_ms"].is_monotonic_increasing and set(rows["position"].unique()) <= {-1, 0, 1}
+    per_h = {f"{c}_h{h}" for h in (1, 3) for c in ("vol", "signal", "position")}
+    assert {"ts", "ts_ms", "close", "fold", *per_h, *(f"p_{n}_h{h}" for n in NAMES for h in (1, 3))} <= set(rows.columns)
+    assert rows["ts_ms"].is_monotonic_increasing
+    assert list(rows["signal"]) == list(rows["signal_h3"]) and list(rows["position"]) == list(rows["position_h3"])
     cfg = doc["config"]
-    assert list(rows["signal"]) == [classify(p, cfg["strong"], cfg["weak"]).signal for p in rows["p_model_h3"]]
     _, candles = drift_csv
     test = candles[candles["ts"] >= rows["ts_ms"].iloc[0]]
     bars = [Bar(int(r.ts), r.open, r.high, r.low, r.close) for r in test.itertuples()]
-    forecasts = {int(r.ts_ms): Forecast(int(r.ts_ms), r.close, r.signal,
-                                        None if np.isnan(r.volatility) else r.volatility, 3)
-                 for r in rows.itertuples()}
-    sim = simulate(bars, forecasts, SimConfig())
-    assert len([t for t in sim.trades if not t.open]) == trading["model"]["trades"]
-    assert sim.equity == pytest.approx(trading["model"]["equity"])
+    for h in (1, 3):
+        assert set(rows[f"position_h{h}"].unique()) <= {-1, 0, 1}
+        assert (rows[f"vol_h{h}"] > 0).all()
+        assert list(rows[f"signal_h{h}"]) == [classify(p, cfg["strong"], cfg["weak"]).signal
+                                              for p in rows[f"p_model_h{h}"]]
+        traded = 0
+        for name in NAMES:  # every model's trades, from the exported probabilities and volatility alone
+            signals = [classify(p, cfg["strong"], cfg["weak"]).signal for p in rows[f"p_{name}_h{h}"]]
+            forecasts = {int(t): Forecast(int(t), c, sig, v, h) for t, c, sig, v in
+                         zip(rows["ts_ms"], rows["close"], signals, rows[f"vol_h{h}"], strict=True)}
+            sim = simulate(bars, forecasts, SimConfig())
+            reported = doc["horizons"][str(h)]["trading"][name]
+            assert len([t for t in sim.trades if not t.open]) == reported["trades"], (h, name)
+            assert sim.equity == pytest.approx(reported["equity"]), (h, name)
+            traded += reported["trades"]
+            if name == "model":
+                model_sim = sim
+        assert traded > 0, h  # the replay compared real trades
+        sim = model_sim
+        held = np.zeros(len(rows))
+        for t in sim.trades:  # the exported position is the replayed account's after each close
+            end = t.closed_ts if t.closed_ts is not None else np.iinfo(np.int64).max
+            held[(rows["ts_ms"] >= t.opened_ts) & (rows["ts_ms"] < end)] = 1 if t.side == "LONG" else -1
+        assert np.array_equal(held, rows[f"position_h{h}"].to_numpy())
+    assert not np.allclose(rows["vol_h1"], rows["vol_h3"])
 
 
 def test_csv_run_writes_the_report_with_three_plots(cli_run):
