@@ -45,7 +45,7 @@ PLOTS = ("reliability", "folds", "returns")
 @pytest.fixture(scope="module")
 def result() -> BacktestResult:
     candles = generate_candles("ETH", 3_000, seed=31, end_ts=END)
-    cfg = BacktestConfig(model_type="lstm", horizon=5, folds=2, epochs=2, seed=3, hidden=16,
+    cfg = BacktestConfig(model_type="lstm", horizons=[2, 5], horizon=5, folds=2, epochs=2, seed=3, hidden=16,
                          check_causality=False)  # the look-ahead check has its own tests
     return run_backtest(candles, cfg, source="synthetic ETH seed 31")
 
@@ -182,6 +182,29 @@ def test_verdict_line_matches_the_numbers(result, report):
     # the best simple baseline it names is the one edge_summary compared against
     best = max(("majority", "persistence"), key=lambda n: result.overall[n]["accuracy"])
     assert best in line and f"{e['bestSimpleBaseline'] * 100:.1f} %" in line
+
+
+def test_per_horizon_table_has_every_horizon_with_its_own_numbers(result, report):
+    """One row per horizon: the network's accuracy and Brier next to the best baseline's (named), its
+    simulated trades and the volatility QLIKE, each from that horizon's view; a verdict per horizon."""
+    _, md = report
+    rows = _table(md, "## Per horizon")
+    header, body = rows[0], rows[1:]
+    assert header[0] == "horizon" and "vol QLIKE model / naive" in header and len(body) == 2
+    assert [r[0] for r in body] == ["2", "5 (default)"]
+    for h, row in zip((2, 5), body, strict=True):
+        v = result.at(h)
+        o, t, vs = v.overall, v.trading["model"], v.vol_score
+        assert row[1] == fmt_pct(o["model"]["accuracy"]) and row[3] == fmt_num(o["model"]["brier"], 4)
+        best = max((n for n in NAMES if n != "model"), key=lambda n: o[n]["accuracy"])
+        assert row[2] == f"{fmt_pct(o[best]['accuracy'])} ({label(best)})"
+        lowest = min((n for n in NAMES if n != "model"), key=lambda n: o[n]["brier"])
+        assert row[4] == f"{fmt_num(o[lowest]['brier'], 4)} ({label(lowest)})"
+        assert row[5] == fmt_num(t["sharpe"], 2) and row[6] == fmt_pct(t["maxDrawdown"], 2)
+        assert row[10] == f"{fmt_num(vs['model_qlike'], 3)} / {fmt_num(vs['naive_qlike'], 3)}"
+        line = next(s for s in md.splitlines() if s.startswith(f"- h = {h}: "))
+        assert verdict_sentence(edge_summary(v)) in line
+    assert result.at(2).overall != result.overall and result.at(5).overall == result.overall
 
 
 def test_how_to_read_explains_the_scales(report):
