@@ -86,3 +86,47 @@ def test_on_the_planted_signal_it_keeps_the_columns_that_carry_it(planted):
     noise = build_dataset(noise_feats, noise_close, HORIZONS, 30, vol_window=20, select_k=12)
     best_noise = max(s["direction"] for s in noise.selection["scores"].values())
     assert min(scores) > 2 * best_noise
+
+
+def test_a_selected_model_keeps_the_serving_features_and_reads_its_columns(tmp_path):
+    """featureNames (and the hash serving checks) stay the full list; the loaded model picks its columns
+    and gives the probabilities of the in-memory network on the test windows."""
+    import torch
+
+    from ml.features import FEATURE_NAMES, feature_names_hash
+    from ml.registry.loader import load_model
+    from ml.registry.versions import Registry
+    from ml.storage.store import Storage
+    from ml.training.calibration import Calibrator
+    from ml.training.config import TrainConfig
+    from ml.training.dataset import prepare_dataset
+    from ml.training.local import train_on_dataset
+    from ml.training.nets import build_model, predict_logits, state_from_bytes
+
+    n = 2000
+    candles = generate_candles("BTC", n, seed=9, signal_strength=0.12, end_ts=ORIGIN_TS + (n + 10) * 300_000)
+    cfg = TrainConfig(pair="BTC", epochs=1, batch_size=256, seq_len=24, hidden=8, seed=3, threads=1,
+                      horizons=[1, 6], select_k=8)
+    ds = prepare_dataset(candles, cfg)
+    res = train_on_dataset(cfg, ds)
+    meta = res.to_registry_payload()["meta"]
+    assert meta["featureNames"] == list(FEATURE_NAMES) and meta["featureHash"] == feature_names_hash(FEATURE_NAMES)
+    assert len(meta["inputFeatures"]) == 8 == meta["model"]["n_features"] and meta["featureSelection"]["k"] == 8
+    storage = Storage(tmp_path / "data")
+    try:
+        version = Registry(storage).register("BTC", res)["version"]
+        m = load_model(storage, "BTC", "lstm", version)
+        assert m.input_features == meta["inputFeatures"] and m.n_features == len(FEATURE_NAMES)
+        raw = feature_matrix(candles)[m.feature_names].to_numpy()
+        ends = ds.split.test[-5:]
+        windows = np.stack([raw[e - 23:e + 1] for e in ends])
+        spec = res.model_spec
+        net = build_model("lstm", spec["n_features"], 2, layers=1, hidden=8, seq_len=24, volatility=True)
+        net.load_state_dict(state_from_bytes(res.state_dict))
+        with torch.no_grad():
+            expected = Calibrator.from_dict(res.calibration).apply(
+                predict_logits(net, ds.X_test[-5:], cols=ds.input_idx)[:, :2])
+        np.testing.assert_allclose(m.predict_proba(windows), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(res.test_probs[-5:], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        storage.close()
