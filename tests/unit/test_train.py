@@ -167,3 +167,17 @@ def test_result_payload_is_complete(small_dataset):
     v = meta["metrics"]["horizons"]["5"]["volatility"]
     assert {"model_qlike", "naive_qlike", "model_mse_log", "naive_mse_log", "skill"} <= set(v)
     assert v["naive_qlike"] > 0 and np.isfinite(v["model_qlike"])
+
+
+def test_label_and_model_settings_are_validated(tmp_path):
+    s = load_settings(environ={})
+    assert (s.labels.horizons, s.labels.default_horizon, s.labels.vol_window) == ([1, 3, 6, 12], 6, 20)
+    assert s.model.enabled_types == ["lstm", "lightgbm"] and s.features.select_k is None
+    env = {"TBML_LABELS__HORIZONS": "[1, 2]"}
+    with pytest.raises(ValueError, match="default_horizon"):
+        load_settings(environ=env)
+    assert load_settings(environ={**env, "TBML_LABELS__DEFAULT_HORIZON": "2"}).labels.horizons == [1, 2]
+    with pytest.raises(ValueError, match="unknown model type"):
+        load_settings(environ={"TBML_MODEL__ENABLED_TYPES": "[lstm, svm]"})
+    with pytest.raises(ValueError, match="vol_window"):
+        load_settings(environ={"TBML_LABELS__VOL_WINDOW": "40"})  # the quick profile's seq_len is 30
