@@ -158,7 +158,7 @@ class Predictions:
     # ------------------------------------------------------------------------------ the ensemble
     def ensemble_choice(self, pair: str, snap: PairSnapshot) -> EnsembleChoice:
         return choose(pair, self.model_types, snap.production, snap.production.get(ENSEMBLE),
-                      [int(h) for h in self.settings.labels.horizons])
+                      [int(h) for h in self.settings.labels.horizons], snap.newest_ensemble)
 
     async def _ensemble(self, pair: str, snap: PairSnapshot, choice: EnsembleChoice, bypass: bool
                         ) -> tuple[dict[str, Any], Any]:

@@ -5,9 +5,10 @@
   promoted it): the members its document lists (`members: {type: version}`) are each asked like
   any model (cached per version and candle) and their forecasts combined by
   `ml.serving.ensemble.combine(document, outputs)`.
-* Otherwise (none built yet, or none beat its members) the best single member answers: among the member types with a production version, the
-  lowest test Brier (the ensemble document's numbers on its common test rows when there is one, else
-  each version's own test metrics), first in `model.enabled_types` order on a tie or without numbers.
+* Otherwise (none built yet, or none beat its members) the best single member answers: among the
+  member types with a production version, the lowest test Brier (the newest ensemble document's
+  numbers on its common test rows when it was built from today's production versions, else each
+  version's own test metrics), first in `model.enabled_types` order on a tie or without numbers.
   The answer says so: `ensemble: {promoted: false, answeredBy, reason}`.
 """
 
@@ -84,8 +85,11 @@ def best_member(member_types: Sequence[str], production: Mapping[str, Production
 
 
 def choose(pair: str, member_types: Sequence[str], production: Mapping[str, Production | None],
-           ensemble: Production | None, default_horizons: Sequence[int]) -> EnsembleChoice:
-    """The answer of `model=ensemble` for `pair` (see the module docstring)."""
+           ensemble: Production | None, default_horizons: Sequence[int],
+           newest: Mapping[str, Any] | None = None) -> EnsembleChoice:
+    """The answer of `model=ensemble` for `pair` (see the module docstring). `newest` is the meta of
+    the newest ensemble version (promoted or not): when it was built from today's production
+    versions its test numbers pick the member and its promotion reason says why it does not answer."""
     meta = ensemble.meta if ensemble is not None else None
     members = {str(k): str(v) for k, v in ((meta or {}).get("members") or {}).items()}
     if ensemble is not None and len(members) >= 2:
@@ -94,19 +98,28 @@ def choose(pair: str, member_types: Sequence[str], production: Mapping[str, Prod
             [int(h) for h in default_horizons])
         return EnsembleChoice(combine=True, horizons=list(horizons), version=ensemble.version, members=members,
                               meta=dict(meta or {}))
-    briers = member_briers(meta)
-    mt, brier = best_member(member_types, production, briers)
-    if ensemble is None:
-        why = (f"no promoted ensemble for {pair} (none built, or none beat its members: "
-               f"GET /api/models/{pair}/versions?model=ensemble)")
-    else:
+    briers: dict[str, float] = {}
+    if ensemble is not None:
         why = f"the ensemble version {ensemble.version} lists fewer than two members"
+    elif newest:
+        built = {str(k): str(v) for k, v in (newest.get("members") or {}).items()}
+        current = {mt: p.version for mt in built if (p := production.get(mt)) is not None}
+        detail = (newest.get("promotion") or {}).get("reason")
+        why = f"the newest ensemble {newest.get('version')} was not promoted" + (f" ({detail})" if detail else "")
+        if built and built == current:  # its members are today's production: its common test rows decide
+            briers = member_briers(newest)
+        else:
+            why += "; it was built from other member versions than production's"
+    else:
+        why = f"no ensemble built for {pair} yet (POST /api/train/{pair}/ensemble)"
+    mt, brier = best_member(member_types, production, briers)
     if mt is None:
         reason = f"{why}, and no member type ({', '.join(member_types)}) has a production model"
         return EnsembleChoice(combine=False, horizons=[int(h) for h in default_horizons],
                               version=ensemble.version if ensemble else None, reason=reason)
     score = f"test Brier {brier:.4f}" if brier is not None else "no test Brier recorded"
-    reason = f"{why}: {mt} answers, the best single member ({score})"
+    rows = " on the ensemble's test rows" if mt in briers else ""
+    reason = f"{why}: {mt} answers, the best single member ({score}{rows})"
     prod = production[mt]
     horizons = (prod.horizons if prod is not None else []) or [int(h) for h in default_horizons]
     return EnsembleChoice(combine=False, horizons=list(horizons), version=ensemble.version if ensemble else None,

@@ -2,7 +2,8 @@
 time of the newest candle in the candle store (coverage, for every data source: the market feed keeps
 the store current, so a source that stops delivering shows as old candles, never as the wall clock)
 and the production version of every model type (pointer + metadata on the shared volume, through
-`ml.registry.production`). No actor call, no Redis.
+`ml.registry.production`), and with `ensemble` among the types the newest ensemble version even when
+it is not production (what `model=ensemble` says when none was promoted). No actor call, no Redis.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ml.registry.production import Production, production_from
+from ml.serving.model_ids import ENSEMBLE
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class PairSnapshot:
     candle_ts: int | None              # open time of the last closed candle (None: no data)
     coverage: dict[str, Any] | None
     production: dict[str, Production | None] = field(default_factory=dict)
+    newest_ensemble: dict[str, Any] | None = None  # meta of the newest ensemble version, promoted or not
 
 
 class Snapshots:
@@ -100,7 +103,23 @@ class Snapshots:
         if coverage is not None:
             coverage = {**coverage, "live": self.live_source}
         production = {mt: self.production(pair, mt) for mt in self.model_types}
-        return PairSnapshot(at=time.monotonic(), candle_ts=candle_ts, coverage=coverage, production=production)
+        newest = self.newest_version(pair, ENSEMBLE) if ENSEMBLE in self.model_types else None
+        return PairSnapshot(at=time.monotonic(), candle_ts=candle_ts, coverage=coverage, production=production,
+                            newest_ensemble=newest)
+
+    def newest_version(self, pair: str, mt: str) -> dict | None:
+        """The meta of the newest stored version of pair/mt (ids start with their UTC time), or None.
+        One directory listing; the meta is read once (cached like every version's)."""
+        try:
+            ids = self.reader.models.version_ids(pair, mt)
+        except Exception as exc:  # noqa: BLE001 - unreadable directory: no version
+            log.warning("versions of %s/%s unreadable: %s", pair, mt, exc)
+            return None
+        for version in sorted(ids, reverse=True):
+            meta = self.meta(pair, mt, version)
+            if meta is not None:
+                return dict(meta, version=version)
+        return None
 
     def production(self, pair: str, mt: str) -> Production | None:
         """`ml.registry.production.read_production`, with the version metadata cached."""

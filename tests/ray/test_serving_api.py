@@ -415,7 +415,7 @@ def test_the_ensemble_answers_its_best_member_until_one_is_promoted_then_combine
     PredictionResponse.model_validate(one)
     p = one["prediction"]
     assert p["ensemble"]["promoted"] is False and p["ensemble"]["answeredBy"] == best, p["ensemble"]
-    assert "no promoted ensemble" in p["ensemble"]["reason"] and best in p["ensemble"]["reason"]
+    assert "no ensemble built for SVA" in p["ensemble"]["reason"] and best in p["ensemble"]["reason"]
     assert {k: v for k, v in p.items() if k != "ensemble"} == members[best]
     flag = _json(c.get("/api/predictions/SVA", params={"ensemble": "true"}))
     assert flag["prediction"] == p and flag["cached"] is True
@@ -440,6 +440,13 @@ def test_the_ensemble_answers_its_best_member_until_one_is_promoted_then_combine
     version = "v20990101000001-e0e0e0e0"
     ray.get(storage.save_model_version.remote("SVA", "ensemble", version, meta,
                                               {"ensemble.json": json.dumps(doc).encode()}))
+
+    def built():  # stored but not production: the answer names it as not promoted
+        e = _json(c.get("/api/predictions/SVA", params={"model": "ensemble"}))["prediction"]["ensemble"]
+        return e if version in e["reason"] else None
+
+    seen = _wait_for(built, 30, interval=0.2, what="the ingress to see the new ensemble version")
+    assert seen["promoted"] is False and seen["answeredBy"] == best and "was not promoted" in seen["reason"]
     ray.get(storage.set_production.remote("SVA", "ensemble", version, "test: an operator's ensemble"))
 
     def combined():

@@ -213,6 +213,23 @@ def test_a_close_being_computed_stays_invisible_to_requests_until_the_block_ends
     assert seen is before and after.candle_ts == end
 
 
+def test_the_snapshot_knows_the_newest_ensemble_version_promoted_or_not(tmp_path):
+    from ml.storage.store import Storage
+
+    storage = Storage(tmp_path)
+    snaps = Snapshots(_Store(), Storage.reader(tmp_path), ["lstm", "lightgbm", "ensemble"], TF, live_source=False,
+                      interval_s=60.0, default_horizons=[6])
+    assert snaps.read("BTC").newest_ensemble is None
+    for version, brier in (("v20260101000000-aaaaaaaa", 0.25), ("v20260102000000-bbbbbbbb", 0.24)):
+        storage.save_model_version("BTC", "ensemble", version, {"members": {"lstm": "v1"}, "brier": brier},
+                                   {"ensemble.json": b"{}"})
+    snap = snaps.read("BTC")
+    assert snap.newest_ensemble["version"] == "v20260102000000-bbbbbbbb" and snap.newest_ensemble["brier"] == 0.24
+    assert snap.production["ensemble"] is None  # built, not promoted
+    assert Snapshots(_Store(), Storage.reader(tmp_path), ["lstm"], TF, live_source=False, interval_s=60.0,
+                     default_horizons=[6]).read("BTC").newest_ensemble is None  # no ensemble type: not read
+
+
 def test_pair_view_shows_production_and_coverage():
     reader = _Reader()
     snaps = Snapshots(_Store(), reader, ["lstm"], TF, live_source=False, interval_s=60.0, default_horizons=[5])
@@ -436,7 +453,17 @@ def test_without_a_promoted_ensemble_the_best_member_answers_and_says_why():
     assert not c.combine and c.answered_by == "lightgbm" and c.horizons == [1, 3, 6, 12]
     block = c.block()
     assert block["promoted"] is False and block["answeredBy"] == "lightgbm"
-    assert "no promoted ensemble for BTC" in block["reason"] and "0.2471" in block["reason"]
+    assert "no ensemble built for BTC" in block["reason"] and "0.2471" in block["reason"]
+    # a built ensemble that was not promoted: its test rows pick the member, its reason is quoted
+    newest = {"version": "e1", "members": {"lstm": "v1", "lightgbm": "g1"},
+              "metrics": {"members": {"lstm": {"brier": 0.240}, "lightgbm": {"brier": 0.242}}},
+              "promotion": {"promoted": False, "reason": "ensemble test Brier 0.2405 >= best member lstm's"}}
+    built = choose("BTC", ["lstm", "lightgbm"], prods, None, [6], newest)
+    assert built.answered_by == "lstm" and "e1 was not promoted (ensemble test Brier 0.2405" in built.reason
+    assert "0.2400 on the ensemble's test rows" in built.reason
+    # ... unless production has moved on since it was built: then each version's own numbers
+    moved = choose("BTC", ["lstm", "lightgbm"], {**prods, "lstm": _prod("v2", 0.249)}, None, [6], newest)
+    assert moved.answered_by == "lightgbm" and "other member versions" in moved.reason
     # only the members that have a model; ties and missing numbers: model.enabled_types order
     assert choose("BTC", ["lstm", "lightgbm"], {"lstm": None, "lightgbm": prods["lightgbm"]}, None,
                   [6]).answered_by == "lightgbm"
