@@ -188,7 +188,8 @@ class ModelSettings(_Section):
 class EnsembleSettings(_Section):
     """The stack of the enabled types' production models (ml.training.ensemble)."""
 
-    l2: float = Field(1e-3, ge=0.0, description="L2 penalty on the stacking weights (towards the base rate)")
+    l2: float = Field(1e-3, ge=0.0, description="L2 penalty on the stacking weights (towards no evidence, 0.5)")
+    fit_bias: bool = Field(False, description="also fit a bias per horizon (the validation period's up-rate)")
     min_rows: int = Field(50, ge=10, description="fewest validation / test rows common to every member")
 
 

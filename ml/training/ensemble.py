@@ -11,7 +11,7 @@ An ensemble is not trained, it is built from existing versions (its `members`, o
    is empty the build fails: the members were trained on different data.
 3. Per horizon h, the ensemble's P(up) is sigmoid(b_h + sum_i w_ih * logit(p_ih)) with w_ih >= 0:
    a logistic regression on the members' calibrated logits, L2-regularised (`ensemble.l2`), fitted by
-   minimising the validation log loss. Why this form:
+   minimising the validation log loss; b_h = 0 unless `ensemble.fit_bias`. Why this form:
      * logits, not probabilities: a member's calibrated logit is its evidence; adding evidence of
        independent members is what a logistic model does, and a weight per member can re-temper a
        sure member or switch off a useless one (w = 0 gives it no say at all);
@@ -19,9 +19,13 @@ An ensemble is not trained, it is built from existing versions (its `members`, o
        weight means betting against a model calibrated to be right; with correlated members on a few
        thousand validation rows that is mostly fitting noise;
      * not summing to 1: two members that carry independent evidence should add up (sum > 1), two
-       noisy copies of one signal should shrink (sum < 1); the bias b_h corrects the base rate.
-   The L2 penalty pulls the weights towards 0, i.e. towards predicting the validation up-rate: with
-   little evidence the stack says less, never more.
+       noisy copies of one signal should shrink (sum < 1);
+     * no bias by default: the members were calibrated on these same validation rows, and what a free
+       bias adds is the validation period's up-rate, which with overlapping h-bar labels rests on
+       about N/h independent outcomes, and costs test Brier when the test period's up-rate differs
+       (tests/unit/test_ensemble.py prints both fits beside each other).
+   The L2 penalty pulls the weights towards 0, i.e. towards P(up) = 0.5: with little evidence the
+   stack says less, never more.
 4. Volatility: the mean over members of their log predicted variances (the geometric mean of the
    served volatilities); unweighted, as one noisy QLIKE fit per horizon would gain little.
 5. Metrics on the test rows: the ensemble's and every member's Brier / accuracy / log loss per horizon
@@ -82,11 +86,12 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- stacking
 
 
-def fit_stacking(z: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+def fit_stacking(z: np.ndarray, y: np.ndarray, l2: float, fit_bias: bool = False) -> tuple[np.ndarray, float]:
     """(weights (M,) >= 0, bias) minimising mean log loss of sigmoid(b + z @ w) + l2 * |w|^2.
 
-    z: (N, M) member logits, y: (N,) 0/1 labels. The bias is not penalised. L-BFGS-B with the bounds
-    w >= 0 (the objective is convex, so the start only affects the time taken: equal weights 1/M).
+    z: (N, M) member logits, y: (N,) 0/1 labels. The bias is 0 unless fit_bias (then not penalised).
+    L-BFGS-B with the bounds w >= 0 (the objective is convex, so the start only affects the time taken:
+    equal weights 1/M).
     """
     from scipy.optimize import minimize
 
@@ -107,7 +112,8 @@ def fit_stacking(z: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, f
 
     start = np.concatenate([np.full(m, 1.0 / m), [0.0]])
     res = minimize(objective, start, jac=True, method="L-BFGS-B",
-                   bounds=[(0.0, None)] * m + [(None, None)], options={"maxiter": 500})
+                   bounds=[(0.0, None)] * m + [(None, None) if fit_bias else (0.0, 0.0)],
+                   options={"maxiter": 500})
     theta = res.x
     return np.maximum(theta[:m], 0.0), float(theta[m])
 
@@ -277,7 +283,7 @@ def _mean_metrics(reports: list[dict]) -> dict:
 
 
 def build_ensemble(storage, pair: str, candles: pd.DataFrame, types: Sequence[str], *, load: Loader,
-                   l2: float = 1e-3, min_rows: int = 50, vol_window: int | None = None,
+                   l2: float = 1e-3, fit_bias: bool = False, min_rows: int = 50, vol_window: int | None = None,
                    members: dict[str, Member] | None = None, progress: Progress | None = None) -> EnsembleResult:
     """Fit the stack of the production members of `types` on their common validation rows and score it
     on their common test rows (module docstring). `candles` must cover both (see candles_needed);
@@ -339,7 +345,7 @@ def build_ensemble(storage, pair: str, candles: pd.DataFrame, types: Sequence[st
     p_ens = np.empty_like(test.y)
     for j, h in enumerate(horizons):
         z_val = np.column_stack([logit(val.probs(t)[:, j]) for t in order])
-        w, b = fit_stacking(z_val, val.y[:, j], l2)
+        w, b = fit_stacking(z_val, val.y[:, j], l2, fit_bias)
         weights[str(h)] = {t: float(w[i]) for i, t in enumerate(order)}
         bias[str(h)] = b
         z_test = np.column_stack([logit(test.probs(t)[:, j]) for t in order])
@@ -386,7 +392,7 @@ def build_ensemble(storage, pair: str, candles: pd.DataFrame, types: Sequence[st
     return EnsembleResult(
         pair=pair, members={t: members[t].version for t in order}, horizons=horizons, weights=weights,
         bias=bias, metrics=metrics, best_member=best, data_range=data_range,
-        config={"l2": float(l2), "min_rows": int(min_rows), "vol_window": window, "types": order},
+        config={"l2": float(l2), "fit_bias": bool(fit_bias), "min_rows": int(min_rows), "vol_window": window, "types": order},
         trained_at=now_ms(), train_seconds=time.perf_counter() - t0,
     )
 
@@ -410,5 +416,5 @@ def build_from_settings(storage, pair: str, settings=None, *, load: Loader, stor
         bars = candles_needed(members, settings.timeframe_ms, WARMUP_BARS, now or now_ms())
         candles = load_candles(pair, settings, bars=bars, store=store, refresh=False)
     cfg = settings.ensemble
-    return build_ensemble(storage, pair, candles, types, load=load, l2=cfg.l2, min_rows=cfg.min_rows,
+    return build_ensemble(storage, pair, candles, types, load=load, l2=cfg.l2, fit_bias=cfg.fit_bias, min_rows=cfg.min_rows,
                           vol_window=settings.labels.vol_window, members=members, progress=progress)

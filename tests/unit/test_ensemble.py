@@ -91,7 +91,12 @@ def test_strong_member_gets_the_weight_useless_one_none_and_no_promotion_without
     print("\nensemble vs members on the common test rows (mean over horizons):")
     for name, r in [("ensemble", m["model"]), ("base rate", m["baseline"])] + list(m["members"].items()):
         print(f"  {name:9s} brier {r['brier']:.5f} acc {r['accuracy']:.4f} log loss {r['log_loss']:.5f} n {r['n']}")
-    print("  weights", res.weights, "bias", res.bias)
+    print("  weights", res.weights)
+    biased = build_ensemble(storage, "BTC", candles, TYPES, load=load_model, fit_bias=True)
+    print(f"  with a fitted bias {biased.bias}: brier {biased.metrics['model']['brier']:.5f}")
+    for h, v in m["volatility"].items():
+        print(f"  volatility h={h} QLIKE ensemble {v['model_qlike']:.4f} naive {v['naive_qlike']:.4f} members",
+              {t: round(q, 4) for t, q in v["members"].items()})
     for h in map(str, HORIZONS):
         w = res.weights[h]
         assert w["lstm"] > 0.5 and w["cnn"] < 0.1 and w["cnn"] < w["lstm"] / 5, w
@@ -109,13 +114,24 @@ def test_strong_member_gets_the_weight_useless_one_none_and_no_promotion_without
     stored = storage.get_version_meta("BTC", ENSEMBLE_TYPE, meta["version"])
     assert stored["members"] == {t: runs_version(storage, t) for t in TYPES}
     assert stored["bestMember"] == "lstm" and stored["weights"] == res.weights
-    # here the stack only adds the useless member's noise (and a validation-fitted bias) to the strong one
-    assert m["model"]["brier"] >= m["members"]["lstm"]["brier"] and not decision["promoted"]
+    pointer = storage.get_production("BTC", ENSEMBLE_TYPE)
+    assert (pointer is not None and pointer["version"] == meta["version"]) is decision["promoted"]
+
+
+def test_an_ensemble_that_does_not_beat_its_members_is_not_promoted(registry, candles):
+    storage, reg = registry
+    # over-regularised: weights near 0, P(up) near 0.5 on every row, far worse than the strong member
+    res = build_ensemble(storage, "BTC", candles, TYPES, load=load_model, l2=100.0)
+    m = res.metrics
+    assert max(max(w.values()) for w in res.weights.values()) < 0.05
+    assert m["model"]["brier"] > m["members"]["lstm"]["brier"] + 0.01
+    meta = reg.register("BTC", res)
+    assert meta["promotion"]["promoted"] is False
+    assert "does not beat every member" in meta["promotion"]["reason"] and "lstm" in meta["promotion"]["reason"]
     assert storage.get_production("BTC", ENSEMBLE_TYPE) is None
-    assert "does not beat every member" in meta["promotion"]["reason"]
-    assert answered_by(stored) == "lstm"
-    # the members' production pointers are untouched
-    assert {t: runs_version(storage, t) for t in TYPES} == stored["members"]
+    stored = storage.get_version_meta("BTC", ENSEMBLE_TYPE, meta["version"])
+    assert stored["bestMember"] == answered_by(stored) == "lstm"
+    assert {t: runs_version(storage, t) for t in TYPES} == stored["members"]  # members' production untouched
 
 
 def runs_version(storage, model_type: str) -> str:
@@ -166,8 +182,9 @@ def test_stacking_fit_recovers_a_known_logistic_model():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 1.0, (20_000, 2))
     y = (rng.random(20_000) < 1 / (1 + np.exp(-(0.3 + 1.5 * z[:, 0])))).astype(float)
-    w, b = fit_stacking(z, y, l2=0.0)
+    w, b = fit_stacking(z, y, l2=0.0, fit_bias=True)
     assert abs(w[0] - 1.5) < 0.08 and w[1] < 0.05 and abs(b - 0.3) < 0.05
+    assert fit_stacking(z, y, l2=0.0)[1] == 0.0  # the default: no bias
     w_neg, _ = fit_stacking(-z, y, l2=0.0)  # a member that is anti-correlated gets 0, never a negative weight
     assert w_neg[0] == 0.0
     w_reg, _ = fit_stacking(z, y, l2=1.0)
