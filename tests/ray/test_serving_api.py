@@ -476,6 +476,39 @@ def test_the_ensemble_answers_its_best_member_until_one_is_promoted_then_combine
     assert every.predictions["SVB"].fallback is True
 
 
+def test_a_candle_close_computes_every_model_type_and_the_ensemble_and_trades_on_the_served_volatility(served):
+    """The events hub's call (`Ingress.on_candle_close`, through a deployment handle, as the hub makes
+    it): the event is the GET body of the default model type at the default horizon; afterwards every
+    model type and the ensemble answer from the cache for that candle, and the pair's simulated
+    account saw that prediction's own volatility (source `model`)."""
+    from ray import serve
+
+    from deployments.schemas import PredictionEvent, SimulationResponse
+    from ml.data.sources import synthetic_candles
+
+    c, store = served["client"], served["store"]
+    end = store.coverage("SVA")["end"]
+    assert store.append("SVA", synthetic_candles("SVA", bars=1, end_ts=end + TF)) == 1
+    first_id = now_plus(0)
+    ingress = serve.get_deployment_handle("Ingress", APP)
+    events = ingress.on_candle_close.remote({"SVA": end + TF}, first_id).result(timeout_s=120)
+    assert [e["id"] for e in events] == [first_id] and events[0]["pair"] == "SVA"
+    event = PredictionEvent.model_validate(events[0]["data"])
+    p = event.prediction
+    assert (p.modelType, p.horizon, p.fallback, p.asOf) == ("lstm", DEFAULT_H, False, end + 2 * TF)
+    assert list(p.horizons) == [str(h) for h in HORIZONS] and p.volatility > 0
+    got = _json(c.get("/api/predictions/SVA"))
+    assert got["cached"] is True and got["prediction"] == events[0]["data"]["prediction"]
+    for params in ({"model": "lightgbm"}, {"model": "ensemble"}, {"model": "lstm", "horizon": 1}):
+        r = _json(c.get("/api/predictions/SVA", params=params))
+        assert r["cached"] is True and r["prediction"]["asOf"] == end + 2 * TF, (params, r)
+    account = SimulationResponse.model_validate(_json(c.get("/api/simulations/SVA")))
+    last = account.lastForecast
+    assert last["ts"] == end + TF and last["horizon"] == DEFAULT_H and last["signal"] == p.signal
+    assert last["volatility"] == p.volatility and last["volatilitySource"] == "model", last
+    assert account.volatilitySources.get("model", 0) >= 1 and "naive" not in account.volatilitySources
+
+
 # ============================================================================================ bad input
 
 BAD_REQUESTS = [
