@@ -160,10 +160,10 @@ def rule_sentence(result: BacktestResult) -> str | None:
     if rule_acc is None or best_acc is None:
         return None
     gap = (best_acc - rule_acc) * 100
+    where = ("level with it" if abs(gap) < 0.05 else
+             f"{abs(gap):.1f} points {'above' if gap > 0 else 'below'} it{': the simple rule wins' if gap < 0 else ''}")
     return (f"The {rule.get('label', 'reference rule')}, which no model is told, scores {fmt_pct(rule_acc)} on "
-            f"the same rows; the best learner ({label(best_name, result)}, {fmt_pct(best_acc)}) is "
-            f"{abs(gap):.1f} points {'above' if gap >= 0 else 'below'} it"
-            f"{'' if gap >= 0 else ': the simple rule wins'}.")
+            f"the same rows; the best learner ({label(best_name, result)}, {fmt_pct(best_acc)}) is {where}.")
 
 
 def verdict(result: BacktestResult) -> list[str]:

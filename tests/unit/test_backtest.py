@@ -56,6 +56,27 @@ def test_rolling_training_window_and_clear_errors():
         _ = BacktestConfig(horizon=10, purge=5).effective_purge
 
 
+def test_horizons_and_the_default_come_from_the_settings_or_the_options():
+    from pydantic import ValidationError
+
+    from ml.config import get_settings
+
+    settings = get_settings()
+    labels = settings.labels
+    cfg = BacktestConfig.from_settings(settings)
+    assert cfg.horizons == list(labels.horizons) and cfg.horizon == labels.default_horizon
+    assert cfg.effective_purge == cfg.seq_len + max(labels.horizons)
+    assert cfg.vol_window == labels.vol_window and cfg.select_k == settings.features.select_k
+    one = BacktestConfig.from_settings(settings, horizon=3)  # --horizon alone: that horizon only
+    assert one.horizons == [3] and one.horizon == 3 and one.effective_purge == one.seq_len + 3
+    assert BacktestConfig.from_settings(settings, horizons=[2, 4]).horizon == 2  # the default is not among them
+    assert BacktestConfig.from_settings(settings, horizons=[2, 4], horizon=4).horizon == 4
+    with pytest.raises(ValidationError, match="not one of the horizons"):
+        BacktestConfig.from_settings(settings, horizons=[2, 4], horizon=3)
+    with pytest.raises(ValidationError, match="vol_window"):
+        BacktestConfig(seq_len=10, vol_window=20)
+
+
 # ------------------------------------------------------------------------------------- leakage
 
 
