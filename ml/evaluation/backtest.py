@@ -2,11 +2,14 @@
 
 The series is cut into K consecutive test blocks at its end. Fold k trains on the rows before its
 test block (all of them, or the newest `train_bars`), leaving `purge` rows out in between, so no
-training label (which looks h bars ahead) overlaps a test row. Inside the training block the
-newest `val_fraction` rows, again behind a purge gap, are the validation rows that early stopping
-and calibration use. Everything that learns — the scaler, the network, its calibration, the
-logistic and LightGBM baselines and theirs, the majority rate, persistence's hit rate — is fitted
-inside the fold on its own training rows only; the test rows are touched once, to be scored.
+training label (which looks up to the largest horizon ahead) overlaps a test row. Inside the
+training block the newest `val_fraction` rows, again behind a purge gap, are the validation rows
+that early stopping and calibration use. Everything that learns — the scaler, the feature selection
+(`select_k`, on the fit rows), the network (one output per horizon plus its volatility head), its
+calibration per horizon, the logistic and LightGBM baselines per horizon and theirs, the majority
+rate, persistence's hit rate — is fitted inside the fold on its own training rows only; the test
+rows are touched once, to be scored. Every horizon is scored on its own; `BacktestResult.by_horizon`
+holds one view per horizon and the returned view is the default horizon's.
 
     rows:   [ ...... fit ...... | purge | val | purge | test k ] [ test k+1 ] ...
 
@@ -16,8 +19,10 @@ every feature is causal, so `run_backtest` first checks exactly that on the data
 
 Scores (per fold and pooled over all test rows) for the model and every baseline: n, accuracy with
 its Wilson 95 % interval, balanced accuracy, MCC, Brier, log loss, ECE, and the rate and accuracy
-of the signals that are not HOLD. `equity_curves` turns the signals into the cumulative return of
-acting on them net of a cost per trade. Ray-free; the CLI is `cli.backtest`.
+of the signals that are not HOLD; per horizon, the simulated trades (`ml.evaluation.trading`, sized
+with the network's predicted volatility) and the QLIKE of that volatility against the naive one.
+`equity_curves` turns the signals into the cumulative return of acting on them net of a cost per
+trade. Ray-free; the CLI is `cli.backtest`.
 """
 
 from __future__ import annotations

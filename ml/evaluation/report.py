@@ -1,6 +1,7 @@
 """The human-readable side of a walk-forward backtest (`tbml backtest --report DIR`).
 
-`write_report(result, out_dir)` writes `report.md` plus three PNGs next to it:
+`write_report(result, out_dir)` writes `report.md` (a per-horizon summary first, then the default
+horizon's tables) plus three PNGs of the default horizon next to it:
 
 * `reliability.png`: does P(up) = 0.6 come true 60 % of the time? (10 bins, counts shown)
 * `folds.png`: accuracy per fold, the model with its Wilson interval, next to every baseline;
