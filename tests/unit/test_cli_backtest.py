@@ -228,6 +228,10 @@ def short_csv(drift_csv, tmp_path_factory) -> Path:
     (["--file", "{csv}", "--train-bars", "10"], "--train-bars"),
     (["--file", "{csv}", "--cost-bps", "nan"], "--cost-bps"),
     (["--file", "{csv}", "--bars", "0"], "--bars"),
+    (["--file", "{csv}", "--horizons", "1,x"], "--horizons must be comma-separated integers"),
+    (["--file", "{csv}", "--horizons", "1,3", "--horizon", "5"], "horizon 5 is not one of the horizons [1, 3]"),
+    (["--file", "{csv}", "--horizons", "3,3"], "--horizons"),
+    (["--file", "{csv}", "--select-k", "0"], "--select-k"),
     (["--file", "{garbage}"], "garbage.csv"),
     (["--pair", "../etc"], "invalid pair"),
 ])
