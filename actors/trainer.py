@@ -29,6 +29,20 @@ which retries the attempt (the queue does, by its rule) instead of waiting for C
 Resume: a run directory with the same run_name under storage_path holds Ray Train's checkpoint
 snapshot. With resume=True training continues from its latest checkpoint (when the config and
 data shape match); with resume=False (default) an existing name gets a unique suffix instead.
+
+lightgbm (ml.training.gbm) runs through the same TorchTrainer, with ONE worker (the boosters are not
+data-parallel here; the worker's CPUs are its LightGBM threads) and its own loop
+(_gbm_loop_per_worker). Why a TorchTrainer rather than a plain Ray task: the queue's contract is the
+run's — the placement group the rank-0 worker reports (what a cancel releases), the progress reports
+whose reply cancels, Ray Train's bounded start-up and worker restarts from the last checkpoint — and
+a plain task would have to re-implement each of them. Progress is reported per booster (epoch =
+boosters done, total = 2 x horizons) and the cancel reply is asked every
+ml.training.gbm.PROGRESS_EVERY boosting rounds; each finished booster is checkpointed (its text), so
+a restarted worker fits only the boosters not done yet. The driver calibrates and evaluates exactly as
+train_local does (ml.training.gbm.build_gbm_result).
+
+run_training() is the one dispatch by model type that the queue's job task calls (networks and
+lightgbm: run_torch_trainer).
 """
 
 from __future__ import annotations
@@ -45,8 +59,9 @@ from typing import Any
 import torch
 
 from ml.clock import now_ms
-from ml.training.config import TrainConfig
+from ml.training.config import GBM_TYPE, TrainConfig
 from ml.training.dataset import load_training_candles, pack_dataset, prepare_dataset, unpack_dataset
+from ml.training.gbm import PROGRESS_EVERY, GbmModel, build_gbm_result, fit_gbm
 from ml.training.loop import FitResult, TrainingCancelled, fit, new_model
 from ml.training.nets import deterministic
 from ml.training.result import TrainResult, build_result
@@ -54,6 +69,7 @@ from ml.training.result import TrainResult, build_result
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+GBM_CHECKPOINT_FILE = "boosters.json"  # a lightgbm run's finished boosters (text) and their fit records
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), which
 # also paces start-up and shutdown of a run: a short job waits several intervals for nothing. The
 # driver's value is propagated to the controller; we lower the default unless the operator set one.
@@ -119,7 +135,7 @@ def _train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     dataset = unpack_dataset(ray.get(config["data_ref"]))
-    model = new_model(cfg, len(dataset.feature_names))  # same seed -> same initial weights everywhere
+    model = new_model(cfg, dataset.n_inputs)  # same seed -> same initial weights everywhere
 
     start_state = None
     checkpoint = ray.train.get_checkpoint()
@@ -178,6 +194,96 @@ def _train_loop_per_worker(config: dict) -> dict:
             "elapsed_s": result.elapsed_s, "train_samples": result.train_samples}
 
 
+def _gbm_loop_per_worker(config: dict) -> dict:
+    """The lightgbm run's single Ray Train worker: every booster, checkpointed one by one."""
+    import json
+
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = TrainConfig(**config["cfg"])
+    dataset = unpack_dataset(ray.get(config["data_ref"]))
+    done: dict = {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / GBM_CHECKPOINT_FILE).read_text())
+        if state.get("fingerprint") == config["fingerprint"]:
+            done = dict(state.get("done") or {})
+        else:
+            log.warning("checkpoint of another config/data found in run %s: starting fresh",
+                        ray.train.get_context().get_experiment_name())
+    actor = _progress_handle(config.get("progress_actor"))
+    job_id = config.get("job_id")
+    told = {"resources": actor is None or _report_placement_group(actor, job_id), "at": 0.0}
+    status = {"epoch": len(done), "total": 2 * len(dataset.horizons), "loss": None, "val_loss": None,
+              "cancel": False}
+    t0 = time.monotonic()
+
+    def ask(force: bool = False) -> bool:
+        """Report progress (throttled to one a second between boosters' ends); True = cancel."""
+        if actor is None or (not force and time.monotonic() - told["at"] < 1.0):
+            return status["cancel"]
+        if not told["resources"]:
+            told["resources"] = _report_placement_group(actor, job_id)
+        told["at"] = time.monotonic()
+        epoch, total = status["epoch"], status["total"]
+        elapsed = time.monotonic() - t0
+        eta = elapsed / epoch * (total - epoch) if epoch else None
+        progress = {"epoch": epoch, "total": total, "loss": status["loss"], "val_loss": status["val_loss"],
+                    "eta_s": eta}
+        try:
+            status["cancel"] = status["cancel"] or _is_cancel(
+                ray.get(actor.report_progress.remote(job_id, progress), timeout=PROGRESS_TIMEOUT_S))
+        except Exception as exc:  # progress is best effort; training goes on
+            log.warning("progress report failed: %s", exc)
+        return status["cancel"]
+
+    def on_booster(info: dict, finished: dict) -> None:
+        status.update(epoch=info["index"], loss=info.get("train_loss"), val_loss=info.get("val_loss"))
+        cancel = ask(force=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / GBM_CHECKPOINT_FILE).write_text(
+                json.dumps({"fingerprint": config["fingerprint"], "done": finished}))
+            ray.train.report({"epoch": info["index"], "total": info["total"], "booster": info["booster"],
+                              "loss": info.get("train_loss"), "val_loss": info.get("val_loss"),
+                              "cancelled": cancel}, checkpoint=Checkpoint.from_directory(tmp))
+
+    try:
+        _, history = fit_gbm(cfg, dataset, done=done, on_booster=on_booster, should_stop=ask)
+    except TrainingCancelled:
+        return {"stopped": "cancelled", "boosters": status["epoch"]}
+    return {"stopped": "completed", "history": history, "elapsed_s": time.monotonic() - t0,
+            "every": PROGRESS_EVERY}
+
+
+def _gbm_result(cfg: TrainConfig, dataset, result, summary: dict, seconds: float) -> TrainResult:
+    """The lightgbm run's TrainResult from its last checkpoint (every booster's text)."""
+    import json
+
+    import lightgbm as lgb
+
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / GBM_CHECKPOINT_FILE).read_text())
+    done = state.get("done") or {}
+    kinds = {"direction": [], "volatility": []}
+    for kind, boosters in kinds.items():
+        for h in dataset.horizons:
+            entry = done.get(f"{kind}/{h}")
+            if entry is None:
+                raise RuntimeError(f"Ray Train run finished without the {kind}/{h} booster")
+            boosters.append(lgb.Booster(model_str=entry["model"]))
+    model = GbmModel(horizons=list(dataset.horizons), lags=list(cfg.lightgbm.lags),
+                     vol_window=cfg.model_vol_window, feature_names=list(dataset.feature_names),
+                     direction=kinds["direction"], volatility=kinds["volatility"],
+                     inputs=list(dataset.input_features) if dataset.input_features else None)
+    history = list(summary.get("history") or [
+        {"booster": k, "kind": k.split("/")[0], "horizon": int(k.split("/")[1]), **v.get("info", {})}
+        for k, v in done.items()])
+    return build_gbm_result(cfg, dataset, model, history, seconds)
+
+
 def _unique_run_name(storage_path: Path, run_name: str) -> str:
     if not (storage_path / run_name).exists():
         return run_name
@@ -215,10 +321,14 @@ def run_torch_trainer(
 
         settings = get_settings()
     t0 = time.perf_counter()
+    gbm = cfg.model_type == GBM_TYPE
     workers = int(num_workers or settings.training.num_workers)
     cpus = float(cpus_per_worker or settings.training.cpus_per_worker)
     if workers < 1 or cpus <= 0:
         raise ValueError(f"num_workers must be >= 1 and cpus_per_worker > 0, got {workers}, {cpus}")
+    if gbm:
+        workers = 1  # one booster at a time on one worker; its reserved CPUs are LightGBM's threads
+        keep_checkpoints = keep_checkpoints or 1  # each checkpoint holds every booster finished so far
     if cfg.threads == 0:  # one torch thread per reserved CPU (at least one)
         cfg = cfg.model_copy(update={"threads": max(1, int(cpus))})
 
@@ -241,7 +351,7 @@ def run_torch_trainer(
     os.environ[START_TIMEOUT_ENV] = str(float(settings.training.start_timeout_s))  # propagated to the controller
     failures = int(settings.training.max_failures if max_failures is None else max_failures)
     trainer = TorchTrainer(
-        _train_loop_per_worker,
+        _gbm_loop_per_worker if gbm else _train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "data_ref": data_ref, "job_id": job_id,
                            "progress_actor": tuple(progress_actor) if progress_actor else None,
                            "fingerprint": fingerprint},
@@ -268,10 +378,22 @@ def run_torch_trainer(
         raise TrainingCancelled(f"training of {cfg.pair}/{cfg.model_type} cancelled (run {name})")
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    if gbm:
+        out = _gbm_result(cfg, dataset, result, summary, time.perf_counter() - t0)
+    else:
+        out = _network_result(cfg, dataset, result, summary, t0)
+    out.run_info = {"runner": "ray_train", "run_name": name, "storage_path": str(storage_path),
+                    "run_path": result.path, "num_workers": workers, "cpus_per_worker": cpus,
+                    "job_id": job_id, "checkpoint": result.checkpoint.path}
+    return out
+
+
+def _network_result(cfg: TrainConfig, dataset, result, summary: dict, t0: float) -> TrainResult:
+    """A network run's TrainResult: the best weights of its last checkpoint, calibrated and evaluated."""
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
-    model = new_model(cfg, len(dataset.feature_names))
+    model = new_model(cfg, dataset.n_inputs)
     model.load_state_dict(state["best_state"])
     fit_result = FitResult(
         epochs_run=int(summary.get("epochs_run", state["epoch"])),
@@ -283,11 +405,16 @@ def run_torch_trainer(
         train_samples=int(summary.get("train_samples", 0)),
     )
     with deterministic(cfg.seed, cfg.torch_threads()):
-        out = build_result(cfg, dataset, model, fit_result, time.perf_counter() - t0)
-    out.run_info = {"runner": "ray_train", "run_name": name, "storage_path": str(storage_path),
-                    "run_path": result.path, "num_workers": workers, "cpus_per_worker": cpus,
-                    "job_id": job_id, "checkpoint": result.checkpoint.path}
-    return out
+        return build_result(cfg, dataset, model, fit_result, time.perf_counter() - t0)
+
+
+def run_training(cfg: TrainConfig, **kwargs: Any) -> TrainResult:
+    """Train one job's config on the cluster: THE dispatch by model type (the queue's job task calls it).
+
+    Networks and lightgbm run as a Ray Train TorchTrainer job (run_torch_trainer, same keyword
+    arguments); a model type with another runner gets its branch here.
+    """
+    return run_torch_trainer(cfg, **kwargs)
 
 
 def run_dir(data_dir: str | Path, run_name: str) -> Path:
@@ -295,4 +422,5 @@ def run_dir(data_dir: str | Path, run_name: str) -> Path:
     return Path(data_dir).resolve() / RESULTS_DIR / run_name
 
 
-__all__ = ["run_torch_trainer", "run_dir", "TrainingCancelled", "CHECKPOINT_FILE"]
+__all__ = ["run_training", "run_torch_trainer", "run_dir", "TrainingCancelled", "CHECKPOINT_FILE",
+           "GBM_CHECKPOINT_FILE"]

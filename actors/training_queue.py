@@ -23,7 +23,7 @@ The rules live in `ml.queue` (pure Python: `ml.queue.state.QueueState`); this mo
 * Scheduler: an asyncio task ticks every `tick_s` (and on every change), starts what
   `QueueState.runnable()` allows, and queues periodic retraining when `retrain_interval_minutes > 0`
   (of the pair/model type whose production model was trained longest ago: `ml.queue.retrain`).
-* A run = one Ray task running `actors.trainer.run_torch_trainer` (which owns the TorchTrainer and
+* A run = one Ray task running `actors.trainer.run_training` (its dispatch by model type runs a TorchTrainer and owns
   its workers; a worker that dies mid-run is restarted by Ray Train from the last epoch checkpoint).
   Progress arrives through `report_progress` from the rank-0 worker; its reply tells a run that is
   no longer wanted to stop at the epoch boundary.
@@ -118,7 +118,7 @@ def run_training_job(job: dict[str, Any], *, queue_actor: tuple[str, str], data_
 
     Returns {"registered": bool, ...summary}. Errors propagate (the queue retries or fails the job).
     """
-    from actors.trainer import run_torch_trainer
+    from actors.trainer import run_training
     from ml.training.config import TrainConfig
 
     settings = _settings()
@@ -129,7 +129,7 @@ def run_training_job(job: dict[str, Any], *, queue_actor: tuple[str, str], data_
     overrides.update({k: v for k, v in (job.get("params") or {}).items() if v is not None})
     cfg = TrainConfig.from_settings(job["pair"], job["model_type"], settings=settings, **overrides)
     job_id, run_id = job["job_id"], job["run_id"]
-    result = run_torch_trainer(
+    result = run_training(
         cfg, data_dir=data_dir, run_name=f"{job_id}-{run_id}", job_id=f"{job_id}{RUN_SEP}{run_id}",
         progress_actor=tuple(queue_actor), num_workers=num_workers, cpus_per_worker=cpus_per_worker,
         settings=settings,

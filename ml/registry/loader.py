@@ -215,7 +215,35 @@ def load_model(storage, pair: str, model_type: str, version: str | None = None) 
     if meta is None:
         raise NoModelError(f"no version {version!r} of {pair}/{model_type}")
     meta = dict(meta, version=version)
+    if meta.get("modelType", model_type) == "lightgbm":
+        return _load_gbm(storage, pair, model_type, version, meta)
     return _load_network(storage, pair, model_type, version, meta)
+
+
+class LoadedGbm(ForecastModel):
+    """A stored lightgbm version (ml.training.gbm.GbmModel): per-horizon boosters on the scaled window's
+    lagged rows; the volatility trees' raw score is the log-variance ratio o."""
+
+    def __init__(self, meta: dict, model, scaler: StandardScaler, calibrator: Calibrator) -> None:
+        super().__init__(meta, calibrator)
+        self.model = model
+        self.scaler = scaler
+        self._lock = threading.Lock()
+
+    def _outputs(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        with self._lock:
+            return self.model.outputs_raw(windows, self.scaler)
+
+
+def _load_gbm(storage, pair: str, model_type: str, version: str, meta: dict) -> LoadedGbm:
+    from ml.training.gbm import GBM_FILE, GbmModel
+
+    scaler = StandardScaler.from_json(json.loads(storage.read_model_file(pair, model_type, version, SCALER_FILE)))
+    model = GbmModel.from_bytes(storage.read_model_file(pair, model_type, version, GBM_FILE))
+    if list(model.feature_names) != list(meta["featureNames"]) or (
+            scaler.feature_names is not None and list(scaler.feature_names) != list(meta["featureNames"])):
+        raise FeatureMismatchError(f"{pair}/{model_type} {version}: boosters, scaler and meta list different features")
+    return LoadedGbm(meta, model, scaler, Calibrator.from_dict(meta["calibration"]))
 
 
 def _load_network(storage, pair: str, model_type: str, version: str, meta: dict) -> LoadedModel:
