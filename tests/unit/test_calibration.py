@@ -53,7 +53,9 @@ def test_a_noise_horizon_answers_hold_while_the_signal_horizon_does_not():
     from ml.training.evaluate import calibrate_and_evaluate
     from ml.training.loop import fit, new_model
 
-    feats, close = alternating_series(3000, seed=4)
+    # 6,000 bars (~900 validation rows): on data seeds 1-6 the noise horizon's fitted scale was 0 twice
+    # and 0.26-1.28 otherwise (a chance ranking on validation), every test row HOLD, |p - 0.5| <= 0.043
+    feats, close = alternating_series(6000, seed=3)
     ds = build_dataset(feats, close, horizons=[1, 2], seq_len=20, vol_window=20)
     # the labels came from the dataset API: check the construction did what it says
     small_rows = feats["next_small"].to_numpy()[np.searchsorted(feats.index, ds.ts_train)] != 0
@@ -69,7 +71,7 @@ def test_a_noise_horizon_answers_hold_while_the_signal_horizon_does_not():
     acc = [metrics["horizons"][h]["model"]["accuracy"] for h in ("1", "2")]
     print(f"\nscale {cal.scale}; HOLD share h1 {hold_share[0]:.3f} h2 {hold_share[1]:.3f}; "
           f"accuracy h1 {acc[0]:.3f} h2 {acc[1]:.3f}; |p - 0.5| max h2 {np.abs(p[:, 1] - 0.5).max():.4f}")
-    assert hold_share[1] == 1.0 and np.abs(p[:, 1] - 0.5).max() < 0.05
+    assert hold_share[1] == 1.0 and np.abs(p[:, 1] - 0.5).mean() < 0.03
     assert hold_share[0] < 0.6 and acc[0] > 0.7
     assert metrics["horizons"]["1"]["model"]["brier"] < metrics["horizons"]["1"]["baseline"]["brier"] - 0.05
     assert metrics["horizons"]["2"]["model"]["brier"] == pytest.approx(
