@@ -59,7 +59,7 @@ import ray
 from actors.metrics import record_queue, record_training_run
 from ml.clock import now_ms
 from ml.queue.jobs import ACTIVE, FINISHED
-from ml.queue.requests import InvalidRequest, TrainRequest
+from ml.queue.requests import ENSEMBLE_TYPE, InvalidRequest, TrainRequest
 from ml.queue.state import JobNotCancellable, JobNotFound, QueueConfig, QueueState
 from ml.queue.views import job_view, result_summary
 from ml.registry.production import Production, production_from
@@ -114,7 +114,8 @@ def _describe_error(exc: BaseException) -> str:
 def run_training_job(job: dict[str, Any], *, queue_actor: tuple[str, str], data_dir: str | None,
                      train_overrides: dict[str, Any] | None = None, num_workers: int | None = None,
                      cpus_per_worker: float | None = None) -> dict[str, Any]:
-    """Train one queued job with Ray Train and register the model if the queue still wants it.
+    """Train one queued job with Ray Train (an `ensemble` job: build it, actors.ensemble) and register the
+    model if the queue still wants it.
 
     Returns {"registered": bool, ...summary}. Errors propagate (the queue retries or fails the job).
     """
@@ -127,13 +128,19 @@ def run_training_job(job: dict[str, Any], *, queue_actor: tuple[str, str], data_
     overrides.update(train_overrides or {})
     overrides.update(job.get("config_overrides") or {})
     overrides.update({k: v for k, v in (job.get("params") or {}).items() if v is not None})
-    cfg = TrainConfig.from_settings(job["pair"], job["model_type"], settings=settings, **overrides)
     job_id, run_id = job["job_id"], job["run_id"]
-    result = run_training(
-        cfg, data_dir=data_dir, run_name=f"{job_id}-{run_id}", job_id=f"{job_id}{RUN_SEP}{run_id}",
-        progress_actor=tuple(queue_actor), num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-        settings=settings,
-    )
+    if job["model_type"] == ENSEMBLE_TYPE:  # built from the production models, nothing trained: no TrainConfig
+        from actors.ensemble import run_ensemble_build
+
+        result = run_ensemble_build(job["pair"], data_dir=data_dir, job_id=f"{job_id}{RUN_SEP}{run_id}",
+                                    progress_actor=tuple(queue_actor), cpus=cpus_per_worker, settings=settings)
+    else:
+        cfg = TrainConfig.from_settings(job["pair"], job["model_type"], settings=settings, **overrides)
+        result = run_training(
+            cfg, data_dir=data_dir, run_name=f"{job_id}-{run_id}", job_id=f"{job_id}{RUN_SEP}{run_id}",
+            progress_actor=tuple(queue_actor), num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+            settings=settings,
+        )
     name, namespace = queue_actor
     queue = ray.get_actor(name, namespace=namespace)
     if not ray.get(queue.begin_finalize.remote(job_id, run_id)):
