@@ -61,7 +61,7 @@ import torch
 from ml.clock import now_ms
 from ml.training.config import GBM_TYPE, TrainConfig
 from ml.training.dataset import load_training_candles, pack_dataset, prepare_dataset, unpack_dataset
-from ml.training.gbm import PROGRESS_EVERY, GbmModel, build_gbm_result, fit_gbm
+from ml.training.gbm import PROGRESS_EVERY, build_gbm_result, fit_gbm, model_from_done
 from ml.training.loop import FitResult, TrainingCancelled, fit, new_model
 from ml.training.nets import deterministic
 from ml.training.result import TrainResult, build_result
@@ -262,22 +262,10 @@ def _gbm_result(cfg: TrainConfig, dataset, result, summary: dict, seconds: float
     """The lightgbm run's TrainResult from its last checkpoint (every booster's text)."""
     import json
 
-    import lightgbm as lgb
-
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / GBM_CHECKPOINT_FILE).read_text())
     done = state.get("done") or {}
-    kinds = {"direction": [], "volatility": []}
-    for kind, boosters in kinds.items():
-        for h in dataset.horizons:
-            entry = done.get(f"{kind}/{h}")
-            if entry is None:
-                raise RuntimeError(f"Ray Train run finished without the {kind}/{h} booster")
-            boosters.append(lgb.Booster(model_str=entry["model"]))
-    model = GbmModel(horizons=list(dataset.horizons), lags=list(cfg.lightgbm.lags),
-                     vol_window=cfg.model_vol_window, feature_names=list(dataset.feature_names),
-                     direction=kinds["direction"], volatility=kinds["volatility"],
-                     inputs=list(dataset.input_features) if dataset.input_features else None)
+    model = model_from_done(cfg, dataset, done)
     history = list(summary.get("history") or [
         {"booster": k, "kind": k.split("/")[0], "horizon": int(k.split("/")[1]), **v.get("info", {})}
         for k, v in done.items()])
@@ -412,7 +400,8 @@ def run_training(cfg: TrainConfig, **kwargs: Any) -> TrainResult:
     """Train one job's config on the cluster: THE dispatch by model type (the queue's job task calls it).
 
     Networks and lightgbm run as a Ray Train TorchTrainer job (run_torch_trainer, same keyword
-    arguments); a model type with another runner gets its branch here.
+    arguments); a model type with another runner gets its branch here. An `ensemble` job has no
+    TrainConfig (nothing is trained): the queue's job task builds it with actors.ensemble instead.
     """
     return run_torch_trainer(cfg, **kwargs)
 

@@ -346,12 +346,30 @@ def fit_gbm(cfg: TrainConfig, dataset: Dataset, *, done: dict[str, dict] | None 
             history.append(entry)
             if on_booster is not None:
                 on_booster(entry, done)
-    model = GbmModel(horizons=list(dataset.horizons), lags=list(cfg.lightgbm.lags),
-                     vol_window=cfg.model_vol_window, feature_names=list(dataset.feature_names),
-                     direction=boosters["direction"], volatility=boosters["volatility"],
-                     params=booster_params(cfg, "direction") | {"objective": None, "metric": None},
-                     inputs=list(dataset.input_features) if dataset.input_features else None)
-    return model, history
+    return assemble(cfg, dataset, boosters), history
+
+
+def assemble(cfg: TrainConfig, dataset: Dataset, boosters: dict[str, list]) -> GbmModel:
+    """The GbmModel of a run's boosters ({"direction": [per horizon], "volatility": [...]})."""
+    return GbmModel(horizons=list(dataset.horizons), lags=list(cfg.lightgbm.lags),
+                    vol_window=cfg.model_vol_window, feature_names=list(dataset.feature_names),
+                    direction=list(boosters["direction"]), volatility=list(boosters["volatility"]),
+                    params=booster_params(cfg, "direction") | {"objective": None, "metric": None},
+                    inputs=list(dataset.input_features) if dataset.input_features else None)
+
+
+def model_from_done(cfg: TrainConfig, dataset: Dataset, done: dict[str, dict]) -> GbmModel:
+    """The GbmModel of a finished run's `done` boosters (fit_gbm's record, e.g. from a checkpoint)."""
+    import lightgbm as lgb
+
+    boosters: dict[str, list] = {k: [] for k in KINDS}
+    for kind in KINDS:
+        for h in dataset.horizons:
+            entry = done.get(f"{kind}/{h}")
+            if entry is None:
+                raise ValueError(f"the run has no {kind}/{h} booster")
+            boosters[kind].append(lgb.Booster(model_str=entry["model"]))
+    return assemble(cfg, dataset, boosters)
 
 
 def dataset_outputs(model: GbmModel, dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

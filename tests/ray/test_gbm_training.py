@@ -2,7 +2,8 @@
 
 The job trains for real on a small synthetic history (3,000 bars, at most 60 rounds per booster) in
 its one TorchTrainer worker, registers a version through the Storage actor, and the loaded version
-forecasts from raw feature rows.
+forecasts from raw feature rows. The dispatch (actors.trainer.run_training) gives the same boosters as
+an in-process run, and a cancel reply to its progress report stops it between boosters.
 """
 
 from __future__ import annotations
@@ -12,11 +13,28 @@ import uuid
 
 import numpy as np
 import pytest
+import ray
 from polling import wait_for
 
 pytestmark = pytest.mark.ray
 
 SMALL = {"bars": 3000, "lightgbm": {"n_estimators": 60, "early_stopping_rounds": 10}}
+
+
+@ray.remote(num_cpus=0)
+class ProgressRecorder:
+    def __init__(self, cancel_after: int | None = None):
+        self.calls: list[dict] = []
+        self.cancel_after = cancel_after
+
+    def report_progress(self, job_id: str, progress: dict):
+        self.calls.append(progress)
+        if self.cancel_after is not None and progress["epoch"] >= self.cancel_after:
+            return {"cancel": True}
+        return {"ok": True}
+
+    def get_calls(self):
+        return self.calls
 
 
 @pytest.fixture
@@ -75,3 +93,37 @@ def test_lightgbm_job_registers_a_version_that_forecasts(queue, ray_cluster):
     assert fc.shape == (8,) and np.isfinite(fc).all()
     assert ((fc[:4] > 0) & (fc[:4] < 1)).all() and (fc[4:] > 0).all()
     np.testing.assert_allclose(fc[:4], model.predict_proba(feats))
+
+
+def small_run():
+    from ml.data.synthetic import ORIGIN_TS, generate_candles
+    from ml.training.config import TrainConfig
+
+    cfg = TrainConfig.from_settings("BTC", "lightgbm", horizons=[1, 6], threads=1, lightgbm=SMALL["lightgbm"])
+    return cfg, generate_candles("BTC", 2500, seed=5, end_ts=ORIGIN_TS + 2600 * 300_000)
+
+
+def test_ray_train_run_equals_the_in_process_run_and_cancels(ray_cluster, tmp_path):
+    from actors.trainer import run_training
+    from ml.training.local import train_local
+    from ml.training.loop import TrainingCancelled
+
+    ns = ray_cluster["namespace"]
+    cfg, candles = small_run()
+    recorder = ProgressRecorder.options(name="gbm-progress", namespace=ns).remote()
+    via_ray = run_training(cfg, data_dir=tmp_path, run_name="BTC_gbm_same", job_id="j1",
+                           progress_actor=("gbm-progress", ns), cpus_per_worker=1, candles=candles)
+    local = train_local(cfg, candles)
+    assert via_ray.state_dict == local.state_dict and via_ray.run_info["runner"] == "ray_train"
+    np.testing.assert_array_equal(via_ray.test_probs, local.test_probs)
+    assert via_ray.metrics["model"] == local.metrics["model"]
+    ends = [c["epoch"] for c in ray.get(recorder.get_calls.remote())]
+    assert ends[-1] == 4 and all(c["total"] == 4 for c in ray.get(recorder.get_calls.remote()))
+    ray.kill(recorder)
+
+    canceller = ProgressRecorder.options(name="gbm-cancel", namespace=ns).remote(cancel_after=1)
+    with pytest.raises(TrainingCancelled):
+        run_training(cfg, data_dir=tmp_path, run_name="BTC_gbm_cancel", job_id="j2",
+                     progress_actor=("gbm-cancel", ns), cpus_per_worker=1, candles=candles)
+    assert max(c["epoch"] for c in ray.get(canceller.get_calls.remote())) == 1  # stopped after booster 1
+    ray.kill(canceller)
