@@ -44,6 +44,7 @@ from deployments.schemas import (
     AccuracyResponse,
     ActionResponse,
     AllPredictionsResponse,
+    BuildBody,
     CancelBody,
     CleanupBody,
     CleanupResponse,
@@ -77,7 +78,7 @@ from ml.evaluation.live import accuracy_summary, reference_rate, with_outcomes
 from ml.serving import views
 from ml.serving.events import EVENT_ID_PATTERN
 from ml.serving.history import history_record
-from ml.serving.model_ids import accepted_types
+from ml.serving.model_ids import ENSEMBLE, accepted_types
 from ml.serving.prediction import prediction_body, round_ms
 from ml.serving.snapshot import Snapshots
 
@@ -404,6 +405,19 @@ class IngressImpl:
                "horizon": body.horizon}
         out = await self.actors.queue_call("submit", req)
         return views.train_outcome(pair, mt, out, now_ms())
+
+    # Before the generic route (FastAPI matches in order): an ensemble is built, not trained, so its body
+    # has no training parameters (the document says so, instead of a schema-valid body being refused).
+    @app.post("/api/train/{pair}/ensemble", response_model=TrainAccepted, status_code=202, dependencies=AUTH,
+              responses=ETRAIN, tags=["training"],
+              summary="Queue the build of the pair's ensemble from the enabled types' production versions (202)")
+    async def build_ensemble(self, pair: str, body: Annotated[BuildBody | None, Body()] = None) -> JSON:
+        p = self.params.pair(pair)
+        mt = self.params.model_path(ENSEMBLE)  # 404 with fewer than two enabled types
+        body = body or BuildBody()
+        status, payload, headers = await self._submit(p, mt, TrainBody(priority=body.priority,
+                                                                       maxAttempts=body.maxAttempts))
+        return JSON(payload, status_code=status, headers=headers)
 
     @app.post("/api/train/{pair}/{model}", response_model=TrainAccepted, status_code=202, dependencies=AUTH,
               responses=ETRAIN, tags=["training"],

@@ -7,8 +7,9 @@ FastAPI's own document is the starting point; `api_document` then, per operation
   (`invalid_json`, a malformed request) and 413 (`BodyLimitMiddleware`) on every method that takes a
   body, 422 wherever there is a parameter or a body, 401 on the operations behind the token;
 * declares `model` (query or path) and `horizon` as enums of what the replica's settings configure
-  (`model.enabled_types` plus `ensemble` when two or more are enabled, `labels.horizons`), and gives
-  the configured pairs as examples of `pair`;
+  (`model.enabled_types` plus `ensemble` when two or more are enabled, except in the training path,
+  where an ensemble build has its own route and body; `labels.horizons`), and gives the configured
+  pairs as examples of `pair`;
 * keeps the bearer token as a security scheme on the mutating operations (the Authorize button of
   /docs); without a configured token it is optional there (`{}` alternative) and 401 is not listed.
 
@@ -25,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from ml.serving.model_ids import accepted_types
+from ml.serving.model_ids import ENSEMBLE, accepted_types
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 SCHEME = "bearerAuth"
@@ -41,6 +42,7 @@ DESCRIPTIONS = {
     503: "A cluster actor (Storage, TrainingQueue) is unreachable, or the training queue is paused",
 }
 BODY_METHODS = {"post", "put", "patch", "delete"}
+TRAIN_PATH = "/api/train/{pair}/{model}"
 
 
 def _error(code: int) -> dict[str, Any]:
@@ -84,7 +86,7 @@ def api_document(app: FastAPI, *, model_types: list[str], horizons: list[int], p
     """The OpenAPI document of `app` for these settings (see the module docstring)."""
     doc = copy.deepcopy(get_openapi(title=app.title, version=app.version, description=app.description,
                                     routes=app.routes, openapi_version=app.openapi_version))
-    for ops in doc.get("paths", {}).values():
+    for path, ops in doc.get("paths", {}).items():
         for method, op in ops.items():
             if not isinstance(op, dict):
                 continue
@@ -116,8 +118,10 @@ def api_document(app: FastAPI, *, model_types: list[str], horizons: list[int], p
             if not token_required:
                 responses.pop("401", None)
             op["responses"] = dict(sorted(responses.items()))
+            # a training job of `ensemble` has its own route (`/api/train/{pair}/ensemble`, no training body)
+            types = [t for t in model_types if t != ENSEMBLE] if path == TRAIN_PATH else model_types
             for param in op.get("parameters") or []:
-                _param_schema(param, model_types, horizons, pairs)
+                _param_schema(param, types, horizons, pairs)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)

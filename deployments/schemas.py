@@ -59,6 +59,16 @@ class TrainBody(_Body):
                                      mode="before")(_integral)
 
 
+class BuildBody(_Body):
+    """The POST /api/train/{pair}/ensemble body: an ensemble is built from existing versions, so it
+    takes the queue's scheduling fields only (no epochs, batch size, learning rate or horizon)."""
+
+    priority: int = Field(rq.DEFAULT_PRIORITY, ge=rq.PRIORITY_MIN, le=rq.PRIORITY_MAX, description="1 runs first")
+    maxAttempts: int | None = Field(None, ge=rq.MAX_ATTEMPTS_MIN, le=rq.MAX_ATTEMPTS_MAX)
+
+    _integral_ints = field_validator("priority", "maxAttempts", mode="before")(_integral)
+
+
 class PromoteBody(_Body):
     version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     reason: str | None = Field(None, max_length=500)

@@ -6,15 +6,16 @@ from __future__ import annotations
 import re
 
 from ml.config import PAIR_PATTERN
+from ml.queue.requests import ENSEMBLE_TYPE, accepted_model_types
 
 MODEL_ID_SEP = ":"
-ENSEMBLE = "ensemble"  # the model type combined from the enabled types' versions (ml.serving.ensemble_choice)
+ENSEMBLE = ENSEMBLE_TYPE  # the type combined from the enabled types' versions (ml.serving.ensemble_choice)
 
 
 def accepted_types(enabled: list[str]) -> list[str]:
-    """The model types a request may name: the enabled ones, and `ensemble` when at least two are."""
-    types = [str(t) for t in enabled]
-    return types + [ENSEMBLE] if len(types) >= 2 and ENSEMBLE not in types else types
+    """The model types a request may name: the enabled ones, and `ensemble` when at least two are (the
+    training queue's own rule, so the API and the queue accept the same types)."""
+    return accepted_model_types(enabled)
 
 
 def model_id(pair: str, model_type: str, version: str) -> str:

@@ -550,6 +550,8 @@ BAD_REQUESTS = [
     ("POST", "/api/storage/cleanup", {"content": b"maxAgeHours=0"}, 400, "invalid_json"),
     ("GET", "/api/predictions/SVA", {"params": {"model": "LSTM"}}, 422, "invalid_model"),
     ("POST", "/api/train/SVT/nosuchmodel", {"json": {}}, 404, "model_not_found"),
+    ("POST", "/api/train/SVT/ensemble", {"json": {"epochs": 3}}, 422, "validation_error"),  # built, not trained
+    ("GET", "/api/predictions/SVA?model=lstm&ensemble=true", {}, 422, "conflicting_parameters"),
     ("POST", "/api/models/SVA/lstm/promote", {"json": {"version": "../../etc"}}, 422, "validation_error"),
     ("POST", "/api/models/SVA/lstm/promote", {"json": {"version": "v19700101000000-deadbeef"}}, 404,
      "version_not_found"),
