@@ -29,7 +29,14 @@ from typing import Any
 from deployments.errors import ApiError
 from ml.clock import now_ms
 from ml.serving.ensemble_choice import EnsembleChoice, best_member, choose, member_briers
-from ml.serving.forecast import default_horizon, fallback_record, forecast_record, outputs_of, pick
+from ml.serving.forecast import (
+    default_horizon,
+    fallback_record,
+    forecast_record,
+    outputs_of,
+    pick,
+    record_horizons,
+)
 from ml.serving.memo import ReplicaMemo
 from ml.serving.model_ids import ENSEMBLE, model_id
 from ml.serving.prediction import failure_cause, fallback_prediction, with_data_lag
@@ -91,6 +98,9 @@ class Predictions:
             record, hit = await self.record(pair, model_type, prod.version if prod else None, snap, bypass)
         if not bypass and self.metrics is not None:
             self.metrics.lookup("predictions", hit)
+        if str(h) not in record["horizons"]:  # e.g. a member answering alone predicts other horizons
+            raise ApiError(422, "invalid_horizon", f"horizon {h} is not predicted for {pair}/{model_type}",
+                           availableHorizons=record_horizons(record))
         return with_data_lag(pick(record, h), now_ms(), self.tf, self.settings.data.max_lag_bars), hit
 
     def _horizon(self, pair: str, model_type: str, horizons: list[int], horizon: int | None) -> int:
