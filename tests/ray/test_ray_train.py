@@ -54,7 +54,8 @@ def test_torch_trainer_run_with_ddp_checkpoints_and_progress(ray_cluster, candle
     assert {"model", "baseline"} <= set(m) and 0 < m["model"]["brier"] < 0.5 and m["n"]["test"] > 100
     assert result.epochs_run == 2 and len(result.history) == 2
     assert result.run_info["runner"] == "ray_train" and result.run_info["num_workers"] == 2
-    assert result.test_probs.shape == (m["n"]["test"], 1) and np.isfinite(result.test_probs).all()
+    n_h = len(small_cfg().horizons)  # every horizon of the default labels.horizons
+    assert result.test_probs.shape == (m["n"]["test"], n_h) and np.isfinite(result.test_probs).all()
 
     run_path = Path(result.run_info["run_path"])
     assert run_path.is_relative_to((tmp_path / "ray_results").resolve())
