@@ -415,7 +415,8 @@ def build_gbm_result(cfg: TrainConfig, dataset: Dataset, model: GbmModel, histor
                     "n_horizons": len(dataset.horizons), "horizons": list(dataset.horizons),
                     "seq_len": model.seq_len, "volatility": True, "vol_window": model.vol_window,
                     "lags": list(model.lags), "columns": len(model.lags) * dataset.n_inputs + 1,
-                    "params": int(sum(b.num_trees() for b in model.direction + model.volatility)),
+                    "params": leaf_count(model),  # the fitted numbers: one value per leaf
+                    "n_trees": int(sum(b.num_trees() for b in model.direction + model.volatility)),
                     "trees": {e["booster"]: int(e.get("best_iteration") or 0) for e in history},
                     "lightgbm": cfg.lightgbm.model_dump()},
         data_range={"start": summary["dataRange"][0], "end": summary["dataRange"][1],
@@ -435,6 +436,11 @@ def build_gbm_result(cfg: TrainConfig, dataset: Dataset, model: GbmModel, histor
         input_features=list(dataset.input_features) if dataset.input_features else None,
         selection=dataset.selection,
     )
+
+
+def leaf_count(model: GbmModel) -> int:
+    """Leaves over every tree of every booster (each holds one fitted value)."""
+    return int(sum(t["num_leaves"] for b in model.direction + model.volatility for t in b.dump_model()["tree_info"]))
 
 
 def train_gbm(cfg: TrainConfig, dataset: Dataset, *, on_epoch: Callable[[dict], None] | None = None,
