@@ -76,3 +76,13 @@ def test_the_run_state_round_trips_and_is_removed_with_its_backup(tmp_path):
     assert on_disk["mode"] == "foreground" and on_disk["owner"]["pid"] > 0 and on_disk["version"] == 1
     remove_state(tmp_path)
     assert read_state(tmp_path) is None
+
+
+def test_start_up_trains_every_enabled_type_then_builds_the_ensemble_behind_them():
+    from cluster.ops.first_training import startup_jobs
+    from ml.queue.requests import DEFAULT_PRIORITY
+
+    # priority ascending runs first: the ensemble waits behind its members
+    assert startup_jobs(["lstm", "lightgbm"]) == [("lstm", DEFAULT_PRIORITY), ("lightgbm", DEFAULT_PRIORITY),
+                                                  ("ensemble", DEFAULT_PRIORITY + 1)]
+    assert startup_jobs(["gru"]) == [("gru", DEFAULT_PRIORITY)]  # one type: nothing to combine
