@@ -394,6 +394,25 @@ class LiveStatus(_Out):
     updatedAt: int | None
 
 
+class NewestEnsemble(_Out):
+    version: str
+    trainedAt: int | None
+    members: dict[str, str] = Field(description="the member versions it was built from, per type")
+    production: bool = Field(description="true when this version is the production ensemble")
+    promotion: dict[str, Any] | None = Field(
+        description="the registry's decision when it was built: {promoted, reason} (null: none recorded)")
+    metrics: dict[str, Any] = Field(description="its test metrics (the same fields as a production's)")
+
+
+class EnsembleStatus(_Out):
+    promoted: bool = Field(description="true: a production ensemble combines its members")
+    version: str | None = Field(description="the production ensemble version (null: none)")
+    answeredBy: str | None = Field(description="`ensemble`, or the single member type that answers model=ensemble")
+    members: dict[str, str] | None = None
+    reason: str | None = Field(description="why a single member answers (null when the ensemble combines)")
+    newest: NewestEnsemble | None = Field(description="the newest built ensemble version (null: none built)")
+
+
 class ModelTypeStatus(_Out):
     hasModel: bool
     modelInfo: dict[str, Any]
@@ -401,6 +420,8 @@ class ModelTypeStatus(_Out):
     versions: int
     training: dict[str, Any]
     live: LiveStatus | None = Field(None, description="live accuracy of the production version (None: no model)")
+    ensemble: EnsembleStatus | None = Field(
+        None, description="only under `ensemble`: what model=ensemble answers and the newest built version")
 
 
 class ModelStatusResponse(_Out):

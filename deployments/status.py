@@ -18,6 +18,7 @@ from deployments.history import HistoryBuffer
 from deployments.predictions import Predictions
 from ml.clock import now_ms
 from ml.serving import views
+from ml.serving.model_ids import ENSEMBLE, accepted_types
 from ml.serving.prediction import failure_cause
 from ml.serving.snapshot import Snapshots
 
@@ -118,12 +119,15 @@ class StatusReports:
 
     async def model_status(self, pair: str) -> dict[str, Any]:
         """Per model type: what storage says (cached per production version), the training gate and
-        any active job (the queue), and the live numbers (the accuracy monitor's document)."""
+        any active job (the queue), and the live numbers (the accuracy monitor's document); with two
+        or more enabled types also the ensemble, with what `model=ensemble` answers and its newest
+        built version (`views.ensemble_status`)."""
         from actors.accuracy_monitor import live_document
         from ml.cache.keys import CacheKind, cache_key
         from ml.features import N_FEATURES
 
         snap = await self.snapshots.get(pair)
+        types = accepted_types(self.model_types)  # + ensemble with two or more enabled types
 
         def stored(mt: str) -> dict:
             try:
@@ -145,12 +149,11 @@ class StatusReports:
         async def queue_part() -> tuple[dict | None, dict[str, dict]]:
             try:
                 view = await self.actors.queue_call("view", 0)
-                gates = await asyncio.gather(*(self.actors.queue_call("can_train", pair, mt)
-                                               for mt in self.model_types))
-                return view, dict(zip(self.model_types, gates, strict=True))
+                gates = await asyncio.gather(*(self.actors.queue_call("can_train", pair, mt) for mt in types))
+                return view, dict(zip(types, gates, strict=True))
             except ApiError as exc:
                 na = {"allowed": None, "reason": exc.message, "cooldownRemainingMinutes": None}
-                return None, {mt: na for mt in self.model_types}
+                return None, {mt: na for mt in types}
 
         async def live_part() -> dict | None:
             try:
@@ -160,10 +163,12 @@ class StatusReports:
                 return None
 
         self.actors.ensure_monitor()
-        parts, live_doc = await asyncio.gather(asyncio.gather(*(storage_part(mt) for mt in self.model_types)),
-                                               live_part())
+        parts, live_doc = await asyncio.gather(asyncio.gather(*(storage_part(mt) for mt in types)), live_part())
         view, gates = await queue_part()
-        models = views.model_status_models(pair, self.model_types, parts, view, gates, live_doc)
+        models = views.model_status_models(pair, types, parts, view, gates, live_doc)
+        if ENSEMBLE in models:  # what model=ensemble answers: the predictions' own rule (ensemble_choice)
+            choice = self.predictions.ensemble_choice(pair, snap)
+            models[ENSEMBLE]["ensemble"] = views.ensemble_status(choice.block(), snap.newest_ensemble)
         return {"pair": pair, "featureCount": N_FEATURES, "hasModel": any(m["hasModel"] for m in models.values()),
                 "models": models, "individual": models, "trainingQueue": views.queue_summary(view),
                 "timestamp": now_ms()}

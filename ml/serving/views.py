@@ -148,6 +148,24 @@ def model_status_models(pair: str, model_types: Sequence[str], parts: Sequence[d
     return models
 
 
+def ensemble_status(block: dict, newest: dict | None) -> dict:
+    """The `ensemble` part of the ensemble's status: what `model=ensemble` answers now (`block`, the
+    answer's own `ensemble` block from `ml.serving.ensemble_choice.choose`) and the newest built
+    ensemble version (`newest`, its meta) with its promotion decision, so a version that did not beat
+    its members is seen with the reason."""
+    out = dict(block)
+    if not newest:
+        return dict(out, newest=None)
+    promotion = newest.get("promotion")
+    out["newest"] = {"version": newest.get("version"), "trainedAt": newest.get("trainedAt"),
+                     "members": dict(newest.get("members") or {}),
+                     "production": bool(block.get("promoted")) and block.get("version") == newest.get("version"),
+                     "promotion": ({"promoted": bool(promotion.get("promoted")), "reason": promotion.get("reason")}
+                                   if isinstance(promotion, dict) else None),
+                     "metrics": metrics_summary(newest.get("metrics"))}
+    return out
+
+
 def queue_summary(view: dict | None) -> dict | None:
     """The training queue in a few numbers (None when the queue did not answer)."""
     if view is None:

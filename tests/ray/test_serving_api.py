@@ -349,6 +349,13 @@ def test_fallbacks_and_all_pairs(served):
     assert lstm["versions"] >= 2 and "allowed" in lstm["training"]
     assert "brier" in lstm["production"]["metrics"] and lstm["production"]["trainedAt"] > 0
     assert _json(c.get("/api/models/SVB/status"))["models"]["lstm"]["hasModel"] is False
+    # the ensemble (two enabled types): none built yet, so its best member answers, as model=ensemble says
+    ens = status["models"]["ensemble"]
+    assert ens["hasModel"] is False and ens["production"] is None and ens["ensemble"]["newest"] is None
+    answer = _json(c.get("/api/predictions/SVA", params={"model": "ensemble"}))["prediction"]["ensemble"]
+    assert ens["ensemble"] == dict(answer, newest=None), (ens["ensemble"], answer)
+    assert ens["ensemble"]["promoted"] is False and ens["ensemble"]["answeredBy"] in ("lstm", "lightgbm")
+    assert "no ensemble built for SVA" in ens["ensemble"]["reason"]
 
 
 # ============================================================================================ horizons, ensemble
@@ -447,6 +454,11 @@ def test_the_ensemble_answers_its_best_member_until_one_is_promoted_then_combine
 
     seen = _wait_for(built, 30, interval=0.2, what="the ingress to see the new ensemble version")
     assert seen["promoted"] is False and seen["answeredBy"] == best and "was not promoted" in seen["reason"]
+    status = _wait_for(lambda: (e := _json(c.get("/api/models/SVA/status"))["models"]["ensemble"])["ensemble"]["newest"]
+                       and e, 30, interval=0.2, what="the models status to list the built ensemble")
+    assert status["hasModel"] is False and status["ensemble"]["answeredBy"] == best
+    assert status["ensemble"]["newest"]["version"] == version and status["ensemble"]["newest"]["production"] is False
+    assert status["ensemble"]["newest"]["members"] == {"lstm": v1, "lightgbm": g1}
     ray.get(storage.set_production.remote("SVA", "ensemble", version, "test: an operator's ensemble"))
 
     def combined():
@@ -459,6 +471,10 @@ def test_the_ensemble_answers_its_best_member_until_one_is_promoted_then_combine
     assert (q["modelType"], q["modelVersion"], q["fallback"], q["horizon"]) == ("ensemble", version, False, DEFAULT_H)
     assert q["ensemble"] == {"promoted": True, "version": version, "answeredBy": "ensemble",
                              "members": {"lstm": v1, "lightgbm": g1}, "reason": None}
+    status = _wait_for(lambda: (e := _json(c.get("/api/models/SVA/status"))["models"]["ensemble"])["hasModel"]
+                       and e, 30, interval=0.2, what="the models status to show the production ensemble")
+    assert status["production"]["version"] == version and status["ensemble"]["promoted"] is True
+    assert status["ensemble"]["answeredBy"] == "ensemble" and status["ensemble"]["newest"]["production"] is True
 
     def logit(x: float) -> float:
         return math.log(x / (1 - x))
@@ -915,23 +931,38 @@ class _PageDom:
         self.signals: dict[str, str] = {}
         self.cards: set[str] = set()
         self.polylines: list[dict[str, str]] = []
+        self.horizons: dict[str, dict[str, dict[str, str]]] = {}  # pair -> horizon -> attributes + text
+        self.volatility: dict[str, str] = {}
         dom = self
 
         class Parser(HTMLParser):
             row: str | None = None
+            into: dict | None = None  # the element whose text is read next
 
             def handle_starttag(self, tag, attrs):
                 a = {k: v or "" for k, v in attrs}
+                self.into = None
                 if tag == "body":
                     dom.body = a
                 elif tag == "tr" and "data-pair" in a:
                     self.row = a["data-pair"]
                 elif tag == "td" and "data-signal" in a and self.row:
                     dom.signals[self.row] = a["data-signal"]
+                elif tag == "td" and "volatility" in a.get("class", "").split() and self.row:
+                    self.into = dom.volatility
+                elif tag == "span" and "data-h" in a and self.row:
+                    self.into = dom.horizons.setdefault(self.row, {}).setdefault(a["data-h"], dict(a, text=""))
                 elif tag == "section" and "pair" in a.get("class", "").split():
                     dom.cards.add(a.get("data-pair", ""))
                 elif tag == "polyline":
                     dom.polylines.append(a)
+
+            def handle_data(self, data):
+                if self.into is dom.volatility:
+                    dom.volatility[self.row] = data.strip()
+                elif self.into is not None:
+                    self.into["text"] += data
+                self.into = None
 
         Parser().feed(html)
 
@@ -950,7 +981,8 @@ def test_status_page_in_headless_chromium(served):
     for pair in PAIRS:  # every pair has been served at least once by now: its chart has points
         assert c.get(f"/api/predictions/{pair}").status_code == 200
     c.get(f"/api/predictions/{PAIRS[0]}/history")  # flushes the buffered history
-    want = {p: v["signal"] for p, v in _json(c.get("/api/predictions"))["predictions"].items()}
+    served_now = _json(c.get("/api/predictions"))["predictions"]
+    want = {p: v["signal"] for p, v in served_now.items()}
 
     from headless import Browser
 
@@ -963,6 +995,20 @@ def test_status_page_in_headless_chromium(served):
         shot = browser.screenshot(artifacts / "status-page.png")
         requests = list(browser.requests)
     assert dom.signals == want
+    for pair, pred in served_now.items():  # every horizon's signal and P(up), the default's volatility
+        row = dom.horizons.get(pair, {})
+        assert list(row) == [str(h) for h in sorted(int(h) for h in pred["horizons"])], (pair, row)
+        for h, f in pred["horizons"].items():
+            got = row[h]
+            assert (got["data-signal"], float(got["data-probability"])) == (f["signal"], f["probability"]), got
+            head, p_text = got["text"].rsplit(" ", 1)
+            assert head == f"{h}: {f['signal']}" and float(p_text) == pytest.approx(f["probability"], abs=0.0051)
+        vol = dom.volatility[pair]
+        if pred["volatility"] is None:
+            assert vol == "–", (pair, vol)
+        else:
+            assert vol.endswith("%") and float(vol[:-1]) == pytest.approx(100 * pred["volatility"], abs=0.0051)
+    assert dom.horizons["SVA"] and served_now["SVA"]["fallback"] is False  # a model's horizons are shown
     assert dom.cards == set(PAIRS)
     drawn = {p.get("data-pair") for p in dom.polylines
              if "probability" in p.get("class", "") and len(p.get("points", "").split()) >= 1}
