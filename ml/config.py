@@ -103,7 +103,7 @@ class DataSettings(_Section):
 
 class FeatureSettings(_Section):
     warmup_bars: int = Field(200, ge=100)
-    select_k: int | None = Field(None, ge=1, description="features a model reads, ranked on training rows "
+    select_k: int | None = Field(16, ge=1, description="features a model reads, ranked on training rows "
                                  "(ml.features.selection); None: all")
 
 

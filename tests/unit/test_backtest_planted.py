@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ml.config import get_settings
 from ml.data.synthetic import ORIGIN_TS, generate_candles, planted_rule, rule_accuracy
 from ml.evaluation.backtest import BacktestConfig, add_planted_rule, run_backtest
 
@@ -20,6 +21,7 @@ END = ORIGIN_TS + TF * 40_000
 HORIZON = 5     # the horizon docs/data.md measures the planted rule at
 LOOKBACK = 10   # data.synthetic.signal_lookback
 LEARNERS = ("model", "logistic", "lightgbm")
+SELECT_K = get_settings().features.select_k  # the default: the columns every trained model reads
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def series():
 
 @pytest.fixture(scope="module")
 def result(series):
-    cfg = BacktestConfig(folds=4, epochs=10, horizon=HORIZON, select_k=10, check_causality=False)
+    cfg = BacktestConfig(folds=4, epochs=10, horizon=HORIZON, select_k=SELECT_K, check_causality=False)
     res = run_backtest(series, cfg, source="synthetic BTC seed 42")
     add_planted_rule(res, series, LOOKBACK)
     return res
@@ -50,9 +52,9 @@ def test_no_model_is_given_the_rule_each_fold_chooses_its_columns_from_its_fit_r
     """The selection is a ranking of all 136 columns per fold (not a hand-picked list): folds differ
     in what they pick beyond the strongest column, and the chosen columns are never the label."""
     picks = [set(f["selection"]["baselines"][str(HORIZON)]) for f in result.folds]
-    assert all(len(p) == 10 for p in picks)
+    assert SELECT_K and all(len(p) == SELECT_K for p in picks)
     assert len({frozenset(p) for p in picks}) > 1  # fitted per fold, so not the same list every time
-    assert result.config["features"] > 100 and result.config["select_k"] == 10
+    assert result.config["features"] > 100 and result.config["select_k"] == SELECT_K
     # the trailing 10-bar return carries the planted signal; a fold's ranking finds it on its own
     assert all("ret_log_10" in p for p in picks)
     # the rule is a function of the past only: it is defined on every test row and uses no label

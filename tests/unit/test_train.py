@@ -138,7 +138,7 @@ def test_config_from_settings_and_overrides(tmp_path):
     s = load_settings(environ={})
     cfg = TrainConfig.from_settings("ETH", settings=s)
     assert (cfg.model_type, cfg.layers, cfg.hidden, cfg.seq_len, cfg.horizons) == ("lstm", 1, 32, 30, [1, 3, 6, 12])
-    assert (cfg.vol_window, cfg.model_vol_window, cfg.vol_loss_weight, cfg.select_k) == (20, 20, 0.5, None)
+    assert (cfg.vol_window, cfg.model_vol_window, cfg.vol_loss_weight, cfg.select_k) == (20, 20, 0.5, 16)
     full = TrainConfig.from_settings("ETH", "gru", settings=s, profile="full", epochs=3, batch_size=None, horizon=10)
     assert (full.model_type, full.layers, full.hidden, full.seq_len, full.dropout) == ("gru", 2, 50, 60, 0.2)
     # the body's single horizon joins the configured ones (one network answers all)
@@ -172,7 +172,7 @@ def test_result_payload_is_complete(small_dataset):
 def test_label_and_model_settings_are_validated(tmp_path):
     s = load_settings(environ={})
     assert (s.labels.horizons, s.labels.default_horizon, s.labels.vol_window) == ([1, 3, 6, 12], 6, 20)
-    assert s.model.enabled_types == ["lstm", "lightgbm"] and s.features.select_k is None
+    assert s.model.enabled_types == ["lstm", "lightgbm"] and s.features.select_k == 16
     env = {"TBML_LABELS__HORIZONS": "[1, 2]"}
     with pytest.raises(ValueError, match="default_horizon"):
         load_settings(environ=env)
