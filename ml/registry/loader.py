@@ -256,7 +256,8 @@ def _load_network(storage, pair: str, model_type: str, version: str, meta: dict)
         raise FeatureMismatchError(f"{pair}/{model_type} {version}: scaler and meta list different features")
     model = build_model(spec["type"], int(spec["n_features"]), int(spec["n_horizons"]), layers=int(spec["layers"]),
                         hidden=int(spec["hidden"]), dropout=float(spec.get("dropout", 0.0)),
-                        seq_len=int(spec["seq_len"]), volatility=bool(spec.get("volatility", False)))
+                        seq_len=int(spec["seq_len"]),
+                        volatility=bool(spec.get("vol_head", spec.get("volatility", False))))
     model.load_state_dict(state_from_bytes(weights))
     model.eval()
     for p in model.parameters():

@@ -103,7 +103,9 @@ def build_result(cfg: TrainConfig, dataset: Dataset, model: nn.Module, fit_resul
         config=cfg.model_dump(),
         model_spec={"type": cfg.model_type, "n_features": dataset.n_inputs,
                     "n_horizons": len(dataset.horizons), "horizons": list(dataset.horizons),
-                    "volatility": _has_vol_head(core, dataset), "vol_window": cfg.model_vol_window,
+                    "vol_head": _outputs_vol(core, dataset),
+                    "volatility": _outputs_vol(core, dataset) and _vol_trained(dataset, cfg),
+                    "vol_window": cfg.model_vol_window,
                     "params": count_params(core), **cfg.model_kwargs()},
         data_range={"start": summary["dataRange"][0], "end": summary["dataRange"][1],
                     "splits": summary["ranges"], "counts": summary["counts"], "purge": summary["purge"],
@@ -124,9 +126,18 @@ def build_result(cfg: TrainConfig, dataset: Dataset, model: nn.Module, fit_resul
     )
 
 
-def _has_vol_head(model: nn.Module, dataset: Dataset) -> bool:
+def _vol_trained(dataset: Dataset, cfg: TrainConfig) -> bool:
+    """Whether the loop trained the volatility head (volatility targets and a positive `vol_loss_weight`;
+    ml.training.loop). The spec's `volatility` (what serving reads) needs it: an untrained head would
+    scale the naive forecast by its random initial weights, so such a version answers the naive
+    forecast; `vol_head` says whether the weights have the head (how to build the network)."""
+    return dataset.q_train is not None and cfg.vol_loss_weight > 0
+
+
+def _outputs_vol(model: nn.Module, dataset: Dataset) -> bool:
     """Whether the network outputs the log-variance ratios after the direction logits (2H outputs)."""
     import torch
+
 
     x = torch.zeros((1, dataset.seq_len, dataset.n_inputs))
     was = model.training

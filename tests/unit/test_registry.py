@@ -102,7 +102,7 @@ def test_reload_gives_the_same_probabilities(storage, result, candles):
     spec = result.model_spec
     model = build_model("lstm", spec["n_features"], spec["n_horizons"], layers=spec["layers"],
                         hidden=spec["hidden"], dropout=spec["dropout"], seq_len=spec["seq_len"],
-                        volatility=spec["volatility"])
+                        volatility=spec["vol_head"])
     model.load_state_dict(state_from_bytes(result.state_dict))
     from ml.training.calibration import Calibrator
     from ml.training.dataset import StandardScaler

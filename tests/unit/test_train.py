@@ -181,3 +181,24 @@ def test_label_and_model_settings_are_validated(tmp_path):
         load_settings(environ={"TBML_MODEL__ENABLED_TYPES": "[lstm, svm]"})
     with pytest.raises(ValueError, match="vol_window"):
         load_settings(environ={"TBML_LABELS__VOL_WINDOW": "40"})  # the quick profile's seq_len is 30
+
+
+def test_a_volatility_head_not_trained_is_not_served(tmp_path):
+    """With vol_loss_weight 0 the loop leaves the head at its random initial weights: the version says
+    it has no volatility head, so the loader answers the naive forecast instead of noise."""
+    from ml.features import feature_matrix
+    from ml.registry.loader import load_model
+    from ml.registry.versions import Registry
+    from ml.storage.store import Storage
+    from ml.training.volatility import naive_variance, served_volatility
+
+    c = candles(2500, 0.12)
+    res = train_local(quick_cfg(epochs=1, batch_size=128, seq_len=20, hidden=8, vol_loss_weight=0.0), c)
+    assert res.model_spec["volatility"] is False
+    storage = Storage(tmp_path)
+    meta = Registry(storage).register("BTC", res)
+    model = load_model(storage, "BTC", "lstm", meta["version"])
+    window = feature_matrix(c).to_numpy()[-model.seq_len:]
+    nv = float(naive_variance(window[:, model.feature_names.index("ret_log_1")], model.vol_window))
+    naive = served_volatility(np.full(len(model.horizons), nv), model.horizons)
+    np.testing.assert_allclose(model.predict_volatility(window), naive, rtol=1e-9)
