@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ml.clock import now_ms
-from ml.evaluation.trading import VOL_WINDOW, bars_from, trailing_volatility
+from ml.evaluation.trading import bars_from, trailing_volatility
 from ml.simulation.live import DOCUMENT, NAIVE, advance, served_volatility, view
 from ml.simulation.trades import SimConfig
 
@@ -33,6 +33,7 @@ class Simulations:
     def __init__(self, settings: Any, store: Any, reader: Any, actors: Any) -> None:
         self.config = SimConfig.from_settings(settings)
         self.tf = settings.timeframe_ms
+        self.vol_window = int(settings.labels.vol_window)
         self.store = store
         self.reader = reader
         self.actors = actors
@@ -45,7 +46,7 @@ class Simulations:
         doc = await self.actors.storage_call("get_document", category, name, None, pair)
         last = (doc or {}).get("state", {}).get("lastTs")
         horizon = int(prediction.get("horizon") or 1)
-        back = VOL_WINDOW + 2 + (MAX_BACKLOG if last is not None else 0)
+        back = self.vol_window + 2 + (MAX_BACKLOG if last is not None else 0)
         candles = await asyncio.to_thread(self.store.tail, pair, back)
         candles = candles[candles["ts"] <= int(candle_ts)]
         if candles.empty:
@@ -53,7 +54,7 @@ class Simulations:
         bars = bars_from(candles, int(last) + 1 if last is not None else int(candles["ts"].iloc[-1]))
         vol, source = served_volatility(prediction)
         if vol is None:  # a model answer without a volatility: the naive trailing forecast
-            naive = trailing_volatility(candles["close"].to_numpy(), horizon)[-1]
+            naive = trailing_volatility(candles["close"].to_numpy(), horizon, self.vol_window)[-1]
             vol, source = (float(naive), NAIVE) if np.isfinite(naive) else (None, None)
         doc, did = advance(doc, pair, bars, prediction, vol, self.config, now_ms(), volatility_source=source)
         await self.actors.storage_call("put_document", category, name, doc, pair)

@@ -5,8 +5,9 @@ Each test row is a forecast made at the close of its bar: the signal of its P(up
 (`ml.serving.signals.classify`, the served thresholds), and a volatility over the horizon: the
 network's predicted one (`ml.training.volatility`) when it has a volatility head, else the naive
 forecast (the backtest says which in `trading.config.volatility`). The simulator walks every bar
-from the first test row to the end. `trailing_volatility` is the older naive estimate (std of the
-last `VOL_WINDOW` one-bar log returns times sqrt(h)) that the live account still uses.
+from the first test row to the end. `trailing_volatility` is that naive forecast from closes
+(sqrt(h x mean of the last `labels.vol_window` squared one-bar log returns), `ml.training.volatility`),
+for a live account whose model answer has no volatility.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ from ml.serving.signals import classify
 from ml.simulation.stats import summary
 from ml.simulation.trades import Bar, Forecast, SimConfig, Simulator, simulate
 
-VOL_WINDOW = 50
 
+def trailing_volatility(close: np.ndarray, horizon: int, window: int) -> np.ndarray:
+    """Per bar, the naive volatility forecast over `horizon` bars from the returns up to that bar: the
+    one models are scored against (`ml.training.volatility`); NaN before `window` returns exist."""
+    from ml.training.volatility import log_returns, served_volatility, trailing_variance
 
-def trailing_volatility(close: np.ndarray, horizon: int, window: int = VOL_WINDOW) -> np.ndarray:
-    """Per bar, the naive volatility forecast over `horizon` bars from the returns up to that bar (NaN
-    before `window` returns exist)."""
-    logret = np.diff(np.log(np.asarray(close, dtype=np.float64)), prepend=np.nan)
-    sd = pd.Series(logret).rolling(window, min_periods=window).std(ddof=1).to_numpy()
-    return sd * np.sqrt(float(horizon))
+    nv = trailing_variance(log_returns(close), int(window))
+    return served_volatility(nv[:, None], [int(horizon)])[:, 0]
 
 
 def bars_from(candles: pd.DataFrame, start_ts: int) -> list[Bar]:
@@ -68,8 +68,7 @@ def simulated_trading(candles: pd.DataFrame, ts: np.ndarray, close: np.ndarray, 
     bar_closes = np.array([b.close for b in bars])
     out: dict[str, Any] = {"config": {"tpMult": config.tp_mult, "slMult": config.sl_mult,
                                       "feeBps": config.fee_bps, "slippageBps": config.slippage_bps,
-                                      "volatility": volatility_source
-                                      or f"trailing {VOL_WINDOW}-bar std of log returns x sqrt(h)"}}
+                                      "volatility": volatility_source or "naive trailing forecast"}}
     sims = {}
     for name, p in probs.items():
         sim = simulate(bars, forecasts_of(ts, close, p, volatility, horizon, strong, weak), config)
