@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ml.pairs import InvalidPairError, validate_pair
+from ml.training.ensemble import ENSEMBLE_TYPE
+from ml.training.ensemble import MIN_MEMBERS as ENSEMBLE_MIN_MEMBERS
 
 PRIORITY_MIN, PRIORITY_MAX = 1, 10
 DEFAULT_PRIORITY = 5
@@ -20,8 +22,6 @@ LEARNING_RATE_MAX = 1.0  # learning rates lie in (0, LEARNING_RATE_MAX]
 API_FIELDS = ("epochs", "batchSize", "learningRate", "priority", "maxAttempts", "horizon")
 
 
-ENSEMBLE_TYPE = "ensemble"  # built, not trained (ml.training.ensemble); == ml.registry.versions.ENSEMBLE_TYPE
-ENSEMBLE_MIN_MEMBERS = 2
 TRAINING_FIELDS = ("epochs", "batch_size", "learning_rate", "horizon")  # what an ensemble build has no use for
 
 

@@ -1,6 +1,6 @@
 """Serving an ensemble: combine member outputs with a registry document, and who answers `model=ensemble`.
 
-Pure (numpy only). An ensemble version's document (its meta, ml.training.ensemble) names its members
+Pure (numpy; the stacking arithmetic is ml.training.ensemble's). An ensemble version's document (its meta, ml.training.ensemble) names its members
 `{type: version}` and holds per-horizon stacking weights `weights[h][type]` and `bias[h]`. Serving
 asks exactly those member versions (not whatever is production now: the weights were fitted on
 them) and combines their `forecast` outputs, each (2H,) = P(up) per horizon then volatility per
@@ -14,24 +14,18 @@ the answer (`ensemble: {promoted: false, answeredBy, reason}`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-P_CLIP = 1e-6
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), P_CLIP, 1.0 - P_CLIP)
-    return np.log(p) - np.log1p(-p)
+from ml.training.ensemble import MIN_MEMBERS, combine_logits, combine_volatility, logit
 
 
 def members_of(doc: Mapping[str, Any]) -> dict[str, str]:
     """{model type: version} of the member versions serving must ask."""
     members = doc.get("members") or {}
-    if not isinstance(members, Mapping) or len(members) < 2:
+    if not isinstance(members, Mapping) or len(members) < MIN_MEMBERS:
         raise ValueError("ensemble document has fewer than 2 members")
     return {str(t): str(v) for t, v in members.items()}
 
@@ -54,13 +48,13 @@ def combine(doc: Mapping[str, Any], outputs: Mapping[str, np.ndarray]) -> np.nda
         if a.shape != (2 * n_h,):
             raise ValueError(f"member {t} output has shape {a.shape}, expected ({2 * n_h},)")
         arr[t] = a
+    # the functions the build fitted and scored the stack with, so serving combines exactly as it did
     p = np.empty(n_h)
     for j, h in enumerate(horizons):
         w = doc["weights"][h]
-        z = float(doc["bias"][h]) + sum(float(w.get(t, 0.0)) * float(_logit(arr[t][j])) for t in types)
-        p[j] = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
-    vols = np.stack([np.maximum(arr[t][n_h:], 1e-300) for t in types])
-    return np.concatenate([p, np.exp(np.mean(np.log(vols), axis=0))])
+        z = logit(np.array([arr[t][j] for t in types]))
+        p[j] = float(combine_logits(z, np.array([float(w.get(t, 0.0)) for t in types]), float(doc["bias"][h])))
+    return np.concatenate([p, combine_volatility(np.stack([arr[t][n_h:] for t in types]))])
 
 
 def answered_by(doc: Mapping[str, Any]) -> str | None:

@@ -52,6 +52,7 @@ from ml.metrics import base_rate_report, classification_report
 from ml.training.dataset import label_name, make_labels, windows_at
 
 ENSEMBLE_TYPE = "ensemble"  # a model type built from the production versions of the enabled types
+MIN_MEMBERS = 2  # enabled types an ensemble needs
 ENSEMBLE_FILE = "ensemble.json"  # the stacking document, the version's only file
 P_CLIP = 1e-6  # probabilities are clipped to [P_CLIP, 1 - P_CLIP] before the logit
 BATCH_ROWS = 1024  # windows per forecast call (bounds the memory of long splits)
@@ -157,7 +158,7 @@ Loader = Callable[[Any, str, str], Any]
 def load_members(storage, pair: str, types: Sequence[str], load: Loader) -> dict[str, Member]:
     """The production version of every member type, loaded; EnsembleError names what is missing."""
     types = member_types(types)
-    if len(types) < 2:
+    if len(types) < MIN_MEMBERS:
         raise EnsembleError(f"an ensemble needs at least 2 enabled model types, got {types}")
     members: dict[str, Member] = {}
     missing = []
