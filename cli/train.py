@@ -75,6 +75,9 @@ def _train_local(args: argparse.Namespace, request) -> int:
     settings = get_settings()
     data_dir = Path(args.data_dir) if args.data_dir else Path(settings.data_dir)
     if request.model_type == ENSEMBLE_TYPE:
+        if args.bars is not None:  # the members' validation and test rows decide which candles it reads
+            raise UsageError("--bars does not apply to --model ensemble (it reads the candles its members' "
+                             "validation and test rows need)")
         return _build_ensemble_local(request, settings, data_dir)
     try:
         cfg = TrainConfig.from_settings(

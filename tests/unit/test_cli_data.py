@@ -236,3 +236,11 @@ def test_synth_out_unwritable_directory_exits_2(capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "/proc/tbml-synth.csv" in lines[0], err
     assert not Path("/proc/tbml-synth.csv").exists()
+
+
+def test_train_local_ensemble_refuses_bars_with_one_line(tmp_path):
+    """An ensemble build reads the candles its members' validation and test rows need: --bars is refused."""
+    out = run_cli("train", "--local", "--pair", "BTC", "--model", "ensemble", "--bars", "500",
+                  env={"TBML_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1 and "--bars" in out.stderr
