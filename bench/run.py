@@ -19,7 +19,8 @@ from pathlib import Path
 
 from bench.common import BenchResult
 
-MODULES = ("bench_features", "bench_storage", "bench_cache", "bench_training", "bench_http", "bench_live")
+MODULES = ("bench_features", "bench_storage", "bench_cache", "bench_training", "bench_forecast", "bench_http",
+           "bench_live")
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
@@ -71,10 +72,48 @@ def render(results: list[BenchResult], errors: dict[str, str], elapsed_s: float,
     return "\n".join(lines)
 
 
+def _split_sections(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(the lines before the first section, {section title: its lines from its `## ` heading on})."""
+    head: list[str] = []
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:].strip(), [])
+        (head if current is None else current).append(line)
+    return head, sections
+
+
+def merge(old: str, new: str, elapsed_s: float) -> str:
+    """The report `old` with the sections measured in `new` replaced (or added before "Not measured"):
+    `--only` re-measures some modules and keeps the others' figures, saying which were re-measured when."""
+    old_head, old_sections = _split_sections(old)
+    _, new_sections = _split_sections(new)
+    new_sections.pop("Not measured", None)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    head = list(old_head)
+    while head and not head[-1].strip():
+        head.pop()
+    head.append(f"- re-measured {stamp} (`--only`, {elapsed_s:.0f} s, 1-min load average at the end "
+                f"{os.getloadavg()[0]:.2f}): {', '.join(new_sections)}")
+    merged = dict(old_sections)
+    tail = merged.pop("Not measured", None)
+    merged.update(new_sections)
+    if tail is not None:
+        merged["Not measured"] = tail
+    out = head + [""]
+    for lines in merged.values():
+        out += lines
+        if out[-1].strip():
+            out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
-    ap.add_argument("--only", default="", help="comma-separated module names, e.g. bench_features")
+    ap.add_argument("--only", default="", help="comma-separated module names, e.g. bench_features; the "
+                    "other sections of an existing report are kept")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--note", default="", help="run conditions to record in the report")
     args = ap.parse_args(argv)
@@ -99,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in got:
             print(json.dumps(r.to_dict()), flush=True)
         results.extend(got)
-    Path(args.out).write_text(render(results, errors, time.time() - t0, args.note))
+    report = render(results, errors, time.time() - t0, args.note)
+    out = Path(args.out)
+    if args.only and out.exists():  # the other modules' sections stay as they were measured
+        report = merge(out.read_text(), report, time.time() - t0)
+    out.write_text(report)
     print(f"wrote {args.out}")
     return 1 if errors else 0
 
