@@ -55,6 +55,10 @@ def run(quick: bool = False) -> list[BenchResult]:
     with tempfile.TemporaryDirectory(prefix="tbml-bench-forecast-") as tmp:
         storage = Storage(Path(tmp))
         registry = Registry(storage)
+        # untimed warm-up: the first run in a process pays torch's and LightGBM's one-time start-up
+        for model_type in ("lstm", "lightgbm"):
+            train_local(TrainConfig.from_settings(PAIR, model_type, settings=settings, epochs=1, threads=1),
+                        candles.iloc[-4000:].reset_index(drop=True))
         for model_type in types:
             # patience > epochs: every network runs the whole budget; LightGBM stops on its own rule
             cfg = TrainConfig.from_settings(PAIR, model_type, settings=settings, epochs=epochs,
@@ -96,18 +100,24 @@ def run(quick: bool = False) -> list[BenchResult]:
         window = feature_matrix(candles.iloc[-400:].reset_index(drop=True)).to_numpy()
         models = {t: load_model(storage, PAIR, t) for t in types}
         repeat = 50 if quick else 300
-        lat = {t: p50(time_calls(lambda m=m: m.forecast(window[-m.seq_len:]), repeat)) for t, m in models.items()}
         from ml.serving.ensemble import combine
 
-        def ensemble_call() -> None:
-            combine(doc, {t: models[t].forecast(window[-models[t].seq_len:]) for t in types})
-
-        ens_ms = p50(time_calls(ensemble_call, repeat))
+        calls = {t: (lambda m=m: m.forecast(window[-m.seq_len:])) for t, m in models.items()}
+        calls["ensemble"] = lambda: combine(doc, {t: models[t].forecast(window[-models[t].seq_len:]) for t in types})
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        for fn in calls.values():  # warm-up
+            time_calls(fn, 1, warmup=3)
+        for _ in range(repeat):  # interleaved, so every figure sees the same machine load
+            for name, fn in calls.items():
+                samples[name] += time_calls(fn, 1, warmup=0)
+        lat = {name: p50(v) for name, v in samples.items()}
+        ens_ms = lat.pop("ensemble")
     for model_type in types:
         out.append(BenchResult(SECTION, f"forecast p50, one window, all horizons: {model_type}", lat[model_type], "ms",
                                anchor_name="lstm" if model_type != "lstm" else "",
                                anchor_value=lat["lstm"] if model_type != "lstm" else None,
-                               note=f"median of {repeat} calls, 1 torch thread, P(up) and volatility per horizon"))
+                               note=f"median of {repeat} calls interleaved with the other types', 1 torch thread, P(up) and "
+                                    f"volatility per horizon"))
     out.append(BenchResult(SECTION, "forecast p50, one window, all horizons: ensemble", ens_ms, "ms",
                            anchor_name="lstm", anchor_value=lat["lstm"],
                            note=f"its {len(types)} members one after another plus the combination; "
