@@ -80,7 +80,7 @@ WATCH_S = 5.0  # how often a supervisor checks that its queue still exists
 ORPHAN_S = 600.0  # a finished run's supervisor waits this long for a queue to collect its result
 QUEUE_KEYS = frozenset(QueueConfig.model_fields)  # the `queue` settings section's keys
 ACTOR_KEYS = {"tick_s", "train_overrides", "num_workers", "cpus_per_worker", "task_num_cpus", "cancel_grace_s",
-              "pairs"}
+              "pairs", "model_types"}
 
 
 def run_actor_name(queue_name: str, job_id: str, run_id: str, started_at: int | None) -> str:
@@ -316,7 +316,8 @@ class TrainingQueueActor:
         self._task_num_cpus = float(overrides.get("task_num_cpus", 0))
         self._cancel_grace_s = float(overrides.get("cancel_grace_s", CANCEL_GRACE_S))
         self._pairs = [str(p) for p in overrides.get("pairs") or settings.pairs]  # periodic retraining's
-        self._model_types = list(settings.model.enabled_types)
+        # the model types it accepts and retrains (default: model.enabled_types)
+        self._model_types = [str(t) for t in overrides.get("model_types") or settings.model.enabled_types]
         self._state = QueueState(self._config)
         self._storage = None
         self._start_timeout_ms = self._config.start_timeout_ms

@@ -297,8 +297,9 @@ def test_periodic_retraining_queues_the_oldest_production_model(make_queue, ray_
     # RTC's model is the oldest by training time but the newest by promotion time
     pairs = ["RTA", "RTB", "RTC", "RTD"]
     register_productions(ray_cluster, {"RTA": 1, "RTB": 2, "RTD": 3, "RTC": 30})
+    # lstm only: an enabled type without any production model (lightgbm here) would be the oldest of all
     q = make_queue(max_concurrent=1, retrain_interval_minutes=0.05,  # every 3 s, first one 3 s after start
-                   pairs=pairs)
+                   pairs=pairs, model_types=["lstm"])
     hold = submit(q, "RTHOLD", epochs=LONG)["jobId"]  # keeps the only slot busy: retrain jobs stay queued
     wait_training(q, hold)
 
