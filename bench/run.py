@@ -84,7 +84,7 @@ def _split_sections(text: str) -> tuple[list[str], dict[str, list[str]]]:
     return head, sections
 
 
-def merge(old: str, new: str, elapsed_s: float) -> str:
+def merge(old: str, new: str, elapsed_s: float, note: str = "") -> str:
     """The report `old` with the sections measured in `new` replaced (or added before "Not measured"):
     `--only` re-measures some modules and keeps the others' figures, saying which were re-measured when."""
     old_head, old_sections = _split_sections(old)
@@ -95,7 +95,7 @@ def merge(old: str, new: str, elapsed_s: float) -> str:
     while head and not head[-1].strip():
         head.pop()
     head.append(f"- re-measured {stamp} (`--only`, {elapsed_s:.0f} s, 1-min load average at the end "
-                f"{os.getloadavg()[0]:.2f}): {', '.join(new_sections)}")
+                f"{os.getloadavg()[0]:.2f}{'; ' + note if note else ''}): {', '.join(new_sections)}")
     merged = dict(old_sections)
     tail = merged.pop("Not measured", None)
     merged.update(new_sections)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     report = render(results, errors, time.time() - t0, args.note)
     out = Path(args.out)
     if args.only and out.exists():  # the other modules' sections stay as they were measured
-        report = merge(out.read_text(), report, time.time() - t0)
+        report = merge(out.read_text(), report, time.time() - t0, args.note)
     out.write_text(report)
     print(f"wrote {args.out}")
     return 1 if errors else 0
