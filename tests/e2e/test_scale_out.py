@@ -66,7 +66,7 @@ import ray
 from ray import serve
 from ray.util.state import list_actors
 
-address, version, candle_ts, horizon, worker_node = sys.argv[1:6]
+address, version, candle_ts, horizon, worker_node, dashboard = sys.argv[1:7]
 ray.init(address=address, namespace="tbml", log_to_driver=False)
 handle = serve.get_deployment_handle("Predictor", app_name="tbml")
 req = {"pair": "BTC", "modelType": "lstm", "version": version, "candleTs": int(candle_ts),
@@ -74,6 +74,7 @@ req = {"pair": "BTC", "modelType": "lstm", "version": version, "candleTs": int(c
 answers, deadline = [], time.monotonic() + 60
 while time.monotonic() < deadline:
     nodes = {a.name.rsplit("#", 1)[-1]: a.node_id for a in list_actors(
+        address=dashboard,  # named: another Ray instance on the machine makes the default ambiguous
         filters=[("class_name", "=", "ServeReplica:tbml:Predictor"), ("state", "=", "ALIVE")])}
     batch = [handle.predict.remote(req) for _ in range(12)]
     for r in batch:
@@ -248,7 +249,8 @@ def test_a_worker_node_takes_replicas_and_training_and_its_loss_fails_no_request
         # ---- a replica on the worker node answers from the shared data directory
         coverage = next(x for x in json.loads(_get(base + "/api/pairs")[1])["pairs"] if x["pair"] == PAIR)
         probe = subprocess.run([sys.executable, "-c", PROBE, state["ray"]["address"], version,
-                                str(coverage["coverage"]["end"]), str(first["horizon"]), worker],
+                                str(coverage["coverage"]["end"]), str(first["horizon"]), worker,
+                                cluster.dashboard],
                                cwd=REPO, env=svc.env, capture_output=True, text=True, timeout=120)
         assert probe.returncode == 0, probe.stderr[-3000:]
         answers = json.loads(probe.stdout.strip().splitlines()[-1])
