@@ -131,7 +131,7 @@ def test_a_version_without_a_volatility_head_answers_the_naive_forecast(tmp_path
 
     candles, result = small_run
     old = copy.copy(result)
-    spec = {k: v for k, v in result.model_spec.items() if k not in ("volatility", "vol_window")}
+    spec = {k: v for k, v in result.model_spec.items() if k not in ("volatility", "vol_head", "vol_window")}
     net = build_model("lstm", spec["n_features"], spec["n_horizons"], layers=spec["layers"], hidden=spec["hidden"],
                       seq_len=spec["seq_len"])
     old.model_spec, old.state_dict = spec, state_to_bytes(net.state_dict())
