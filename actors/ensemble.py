@@ -14,21 +14,13 @@ to stop ends the build (TrainingCancelled, nothing registered).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import ray
 
+from actors.trainer import PROGRESS_TIMEOUT_S, is_cancel
+
 log = logging.getLogger(__name__)
 
-PROGRESS_TIMEOUT_S = 10.0
-
-
-def _is_cancel(reply: Any) -> bool:
-    if isinstance(reply, str):
-        return reply.lower() in ("cancel", "cancelled", "stop")
-    if isinstance(reply, dict):
-        return bool(reply.get("cancel") or reply.get("stop"))
-    return False
 
 
 @ray.remote(max_retries=0)
@@ -65,7 +57,7 @@ def _build_task(pair: str, data_dir: str, job_id: str | None, progress_actor: tu
         except Exception as exc:  # noqa: BLE001 - progress is best effort; the build goes on
             log.warning("ensemble build: progress report failed: %s", exc)
             return False
-        return _is_cancel(reply)
+        return is_cancel(reply)
 
     registry = Registry(Storage.reader(data_dir))
     return registry.build_ensemble(pair, settings, store=CandleStore(data_dir, settings.timeframe), progress=progress)

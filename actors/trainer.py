@@ -80,7 +80,8 @@ RESULTS_DIR = "ray_results"
 PROGRESS_TIMEOUT_S = 10.0
 
 
-def _is_cancel(reply: Any) -> bool:
+def is_cancel(reply: Any) -> bool:
+    """Whether a progress actor's reply asks the run to stop."""
     if isinstance(reply, str):
         return reply.lower() in ("cancel", "cancelled", "stop")
     if isinstance(reply, dict):
@@ -167,7 +168,7 @@ def _train_loop_per_worker(config: dict) -> dict:
         if actor is not None:
             progress = {k: info[k] for k in ("epoch", "total", "loss", "val_loss", "eta_s")}
             try:
-                cancel = _is_cancel(ray.get(actor.report_progress.remote(job_id, progress),
+                cancel = is_cancel(ray.get(actor.report_progress.remote(job_id, progress),
                                             timeout=PROGRESS_TIMEOUT_S))
             except Exception as exc:  # progress is best effort; training goes on
                 log.warning("progress report failed: %s", exc)
@@ -234,7 +235,7 @@ def _gbm_loop_per_worker(config: dict) -> dict:
         progress = {"epoch": epoch, "total": total, "loss": status["loss"], "val_loss": status["val_loss"],
                     "eta_s": eta}
         try:
-            status["cancel"] = status["cancel"] or _is_cancel(
+            status["cancel"] = status["cancel"] or is_cancel(
                 ray.get(actor.report_progress.remote(job_id, progress), timeout=PROGRESS_TIMEOUT_S))
         except Exception as exc:  # progress is best effort; training goes on
             log.warning("progress report failed: %s", exc)

@@ -176,18 +176,22 @@ class ForecastModel:
                 "trainedAt": self.meta.get("trainedAt"), "featureHash": self.feature_hash}
 
 
-class LoadedModel(ForecastModel):
-    """A stored network version ready for inference: weights + saved scaler + calibration.
-
-    The scaler covers the full feature list; the network reads the selected input columns of the
-    scaled window.
-    """
+class _ScaledModel(ForecastModel):
+    """A stored model with its saved scaler, called under a lock (one inference at a time per object)."""
 
     def __init__(self, meta: dict, model, scaler: StandardScaler, calibrator: Calibrator) -> None:
         super().__init__(meta, calibrator)
         self.model = model
         self.scaler = scaler
         self._lock = threading.Lock()
+
+
+class LoadedModel(_ScaledModel):
+    """A stored network version ready for inference: weights + saved scaler + calibration.
+
+    The scaler covers the full feature list; the network reads the selected input columns of the
+    scaled window.
+    """
 
     def _outputs(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
@@ -220,15 +224,9 @@ def load_model(storage, pair: str, model_type: str, version: str | None = None) 
     return _load_network(storage, pair, model_type, version, meta)
 
 
-class LoadedGbm(ForecastModel):
+class LoadedGbm(_ScaledModel):
     """A stored lightgbm version (ml.training.gbm.GbmModel): per-horizon boosters on the scaled window's
     lagged rows; the volatility trees' raw score is the log-variance ratio o."""
-
-    def __init__(self, meta: dict, model, scaler: StandardScaler, calibrator: Calibrator) -> None:
-        super().__init__(meta, calibrator)
-        self.model = model
-        self.scaler = scaler
-        self._lock = threading.Lock()
 
     def _outputs(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:

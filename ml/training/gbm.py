@@ -44,7 +44,7 @@ from ml.training.config import TrainConfig
 from ml.training.dataset import Dataset, StandardScaler
 from ml.training.evaluate import evaluate_outputs
 from ml.training.loop import TrainingCancelled
-from ml.training.result import TrainResult, feature_hash
+from ml.training.result import TrainResult, feature_hash, registry_data_range
 from ml.training.volatility import VAR_FLOOR, naive_variance, predicted_variance
 
 GBM_FILE = "model.lgb.json"
@@ -419,9 +419,7 @@ def build_gbm_result(cfg: TrainConfig, dataset: Dataset, model: GbmModel, histor
                     "n_trees": int(sum(b.num_trees() for b in model.direction + model.volatility)),
                     "trees": {e["booster"]: int(e.get("best_iteration") or 0) for e in history},
                     "lightgbm": cfg.lightgbm.model_dump()},
-        data_range={"start": summary["dataRange"][0], "end": summary["dataRange"][1],
-                    "splits": summary["ranges"], "counts": summary["counts"], "purge": summary["purge"],
-                    "scaler_fit_rows": summary["scalerFitRows"], "base_rate": summary["baseRate"]},
+        data_range=registry_data_range(summary),
         metrics=metrics,
         calibration=calibrator.to_dict(),
         epochs_run=rounds,

@@ -107,9 +107,7 @@ def build_result(cfg: TrainConfig, dataset: Dataset, model: nn.Module, fit_resul
                     "volatility": _outputs_vol(core, dataset) and _vol_trained(dataset, cfg),
                     "vol_window": cfg.model_vol_window,
                     "params": count_params(core), **cfg.model_kwargs()},
-        data_range={"start": summary["dataRange"][0], "end": summary["dataRange"][1],
-                    "splits": summary["ranges"], "counts": summary["counts"], "purge": summary["purge"],
-                    "scaler_fit_rows": summary["scalerFitRows"], "base_rate": summary["baseRate"]},
+        data_range=registry_data_range(summary),
         metrics=metrics,
         calibration=calibrator.to_dict(),
         epochs_run=fit_result.epochs_run,
@@ -124,6 +122,13 @@ def build_result(cfg: TrainConfig, dataset: Dataset, model: nn.Module, fit_resul
         input_features=list(dataset.input_features) if dataset.input_features else None,
         selection=dataset.selection,
     )
+
+
+def registry_data_range(summary: dict) -> dict:
+    """A version's `dataRange` from `Dataset.summary()` (every model type stores the same shape)."""
+    return {"start": summary["dataRange"][0], "end": summary["dataRange"][1], "splits": summary["ranges"],
+            "counts": summary["counts"], "purge": summary["purge"], "scaler_fit_rows": summary["scalerFitRows"],
+            "base_rate": summary["baseRate"]}
 
 
 def _vol_trained(dataset: Dataset, cfg: TrainConfig) -> bool:
